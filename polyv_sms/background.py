@@ -1,0 +1,48 @@
+"""What a worker runs beside its tasks: the reconciler thread and the metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from polyv_sms import metrics
+from polyv_sms.reconcile import Reconciler
+from polyv_sms.runtime import get_runtime
+
+__all__ = ["start", "stop"]
+
+log = logging.getLogger("polyv_sms.background")
+
+_lock = threading.Lock()
+_reconciler: Reconciler | None = None
+#: Set by supervisord (``%(process_num)d``) so that worker N serves metrics on port + N.
+WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
+
+
+def start() -> None:
+    """Start the reconciler and, when ``SMS_METRICS_PORT`` is set, the metrics endpoint."""
+    global _reconciler  # noqa: PLW0603 - one per worker process
+    runtime = get_runtime()
+    settings = runtime.settings
+    with _lock:
+        if settings.metrics_port is not None:
+            index = int(os.environ.get(WORKER_INDEX_ENV, "0") or 0)
+            metrics.serve(settings.metrics_port + index)
+        if _reconciler is None and settings.reconcile_interval_s > 0:
+            from polyv_sms.tasks import enqueue_again  # noqa: PLC0415 - avoids an import cycle
+
+            _reconciler = Reconciler(
+                runtime.ledger, enqueue_again, interval_s=settings.reconcile_interval_s
+            )
+            _reconciler.start()
+            log.info("reconciler sweeping every %.0fs", settings.reconcile_interval_s)
+
+
+def stop() -> None:
+    """Stop the reconciler thread."""
+    global _reconciler  # noqa: PLW0603
+    with _lock:
+        if _reconciler is not None:
+            _reconciler.stop()
+            _reconciler = None

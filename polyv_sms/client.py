@@ -1,0 +1,370 @@
+"""A client for Polyv's "send Aliyun SMS notification" endpoint, usable without Celery.
+
+One pooled :class:`requests.Session`; a fresh timestamp and sign for every HTTP request
+(a retry ten minutes later must not reuse a stale one); JSON body; TLS verification on.
+
+Failures map to :mod:`polyv_sms.errors`:
+
+- connect error (nothing reached the server): retried in place, bounded, then
+  :class:`~polyv_sms.errors.PolyvUnavailable`;
+- read timeout or a connection dropped after the request left:
+  :class:`~polyv_sms.errors.AmbiguousSend` (Polyv may have sent it; never retried in place);
+- HTTP 5xx: :class:`~polyv_sms.errors.PolyvUnavailable`;
+- rate limiting: :class:`~polyv_sms.errors.RateLimited`;
+- any other error envelope: :class:`~polyv_sms.errors.PermanentError` with Polyv's code/desc;
+- a body that is not the documented JSON: :class:`~polyv_sms.errors.UnexpectedResponse`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import tenacity
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from polyv_sms.config import (
+    DEFAULT_API_BASE,
+    DEFAULT_HTTP_TIMEOUT_S,
+    POLYV_MAX_NUMBERS_PER_REQUEST,
+    Secret,
+)
+from polyv_sms.errors import (
+    AmbiguousSend,
+    BatchTooLarge,
+    InvalidRequest,
+    PermanentError,
+    PolyvUnavailable,
+    RateLimited,
+    UnexpectedResponse,
+)
+from polyv_sms.phones import mask
+from polyv_sms.signing import sign
+
+__all__ = [
+    "KNOWN_STATUSES",
+    "STATUS_ACCEPTED",
+    "STATUS_INVALID",
+    "STATUS_OVER_LIMIT",
+    "STATUS_UPSTREAM_FAILED",
+    "PhoneResult",
+    "PolyvClient",
+    "PolyvResponse",
+]
+
+log = logging.getLogger("polyv_sms.client")
+
+SEND_PATH = "/live/v4/user/sms/send"
+STATUS_OVER_LIMIT = -1
+STATUS_INVALID = -2
+STATUS_UPSTREAM_FAILED = 11
+STATUS_ACCEPTED = 12
+KNOWN_STATUSES = frozenset({STATUS_OVER_LIMIT, STATUS_INVALID, STATUS_UPSTREAM_FAILED, 12})
+DEFAULT_CONNECT_ATTEMPTS = 3
+DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
+_RATE_LIMIT_MARKERS = ("qps", "exceeds number of calls", "rate limit", "too many requests")
+_LOGGED_NUMBERS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneResult:
+    """Polyv's answer for one number.
+
+    Attributes:
+        phone_number: the number as Polyv echoed it.
+        status: -1 over the daily limit, -2 invalid, 11 upstream failure, 12 accepted.
+        serial_no: Aliyun's receipt id for status 12, else ``None``.
+    """
+
+    phone_number: str
+    status: int
+    serial_no: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PolyvResponse:
+    """A successful answer.
+
+    Attributes:
+        request_id: Polyv's ``requestId`` (debugging only).
+        results: one entry per number, in Polyv's order.
+        elapsed_s: wall time of the HTTP exchange.
+    """
+
+    request_id: str
+    results: tuple[PhoneResult, ...]
+    elapsed_s: float = 0.0
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    """True when the request provably never reached the server."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        reason = getattr(exc.args[0], "reason", exc.args[0])
+        return isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return False
+
+
+class PolyvClient:
+    """Send SMS notifications through Polyv.
+
+    Args:
+        app_id: the account's appId.
+        app_secret: the account's appSecret (a ``str`` or a :class:`~polyv_sms.config.Secret`).
+        base_url: scheme and host, e.g. ``https://api.polyv.net``.
+        timeout: seconds for connecting and, separately, for reading the answer.
+        session: a ``requests.Session`` to use instead of the client's own.
+        clock: returns the current time in seconds; the timestamp is taken per request.
+        connect_attempts: tries for a connection that fails before anything is sent.
+        connect_retry_budget_s: the most time those tries may take together.
+        pool_maxsize: pooled connections kept to Polyv (one per concurrent sender).
+    """
+
+    def __init__(
+        self,
+        app_id: str,
+        app_secret: str | Secret,
+        base_url: str = DEFAULT_API_BASE,
+        timeout: float = DEFAULT_HTTP_TIMEOUT_S,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS,
+        connect_retry_budget_s: float = DEFAULT_CONNECT_RETRY_BUDGET_S,
+        pool_maxsize: int = 32,
+    ) -> None:
+        if not app_id:
+            raise InvalidRequest("app_id: the appId is empty")
+        self.app_id = app_id
+        self._secret = app_secret if isinstance(app_secret, Secret) else Secret(app_secret)
+        if not self._secret.reveal():
+            raise InvalidRequest("app_secret: the appSecret is empty")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + SEND_PATH
+        self.timeout = timeout
+        self._clock = clock
+        self._own_session = session is None
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_maxsize)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+        self._session = session
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_connect_error),
+            stop=tenacity.stop_after_attempt(connect_attempts)
+            | tenacity.stop_after_delay(connect_retry_budget_s),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=0.5),
+            reraise=True,
+        )
+
+    def __repr__(self) -> str:
+        return f"PolyvClient(app_id={self.app_id!r}, base_url={self.base_url!r})"
+
+    def __enter__(self) -> PolyvClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close pooled connections (only a session the client created itself)."""
+        if self._own_session:
+            self._session.close()
+
+    def signed_query(self) -> dict[str, str]:
+        """The query parameters of one request: appId, a fresh timestamp and its sign."""
+        params = {"appId": self.app_id, "timestamp": str(int(self._clock() * 1000))}
+        params["sign"] = sign(params, self._secret.reveal())
+        return params
+
+    def send(
+        self,
+        phone_numbers: Sequence[str],
+        template_param_names: Sequence[str],
+        template_param_values: Sequence[str],
+    ) -> PolyvResponse:
+        """Send one request of at most 200 numbers.
+
+        The numbers are sent as given: validating them is the caller's job.
+
+        Args:
+            phone_numbers: 1 to 200 numbers.
+            template_param_names: the template's parameter names.
+            template_param_values: one value per name.
+
+        Returns:
+            Polyv's per-number answers.
+
+        Raises:
+            BatchTooLarge: more than 200 numbers (nothing is sent).
+            InvalidRequest: no numbers, or names and values differ in length.
+            TransientError: see the module docstring.
+            PermanentError: Polyv refused the request.
+        """
+        if len(phone_numbers) > POLYV_MAX_NUMBERS_PER_REQUEST:
+            raise BatchTooLarge(
+                f"phone_numbers: {len(phone_numbers)} numbers; Polyv accepts at most "
+                f"{POLYV_MAX_NUMBERS_PER_REQUEST} per request"
+            )
+        if not phone_numbers:
+            raise InvalidRequest("phone_numbers: no numbers to send")
+        if len(template_param_names) != len(template_param_values):
+            raise InvalidRequest(
+                f"template_param_values: {len(template_param_values)} values for "
+                f"{len(template_param_names)} names"
+            )
+        body = {
+            "phoneNumbers": [str(n) for n in phone_numbers],
+            "templateParamNames": list(template_param_names),
+            "templateParamValues": list(template_param_values),
+        }
+        started = time.perf_counter()
+        try:
+            http = self._retrying(self._post, body)
+        except requests.exceptions.RequestException as exc:
+            elapsed = time.perf_counter() - started
+            error = self._transport_error(exc)
+            log.warning(
+                "polyv send failed numbers=%d [%s] elapsed_ms=%.0f error=%s",
+                len(phone_numbers),
+                _masked(phone_numbers),
+                elapsed * 1000,
+                error,
+            )
+            raise error from None
+        elapsed = time.perf_counter() - started
+        try:
+            response = self._parse(http, elapsed)
+        except (PermanentError, PolyvUnavailable, RateLimited, UnexpectedResponse) as exc:
+            log.warning(
+                "polyv send refused http=%d numbers=%d [%s] elapsed_ms=%.0f error=%s",
+                http.status_code,
+                len(phone_numbers),
+                _masked(phone_numbers),
+                elapsed * 1000,
+                exc,
+            )
+            raise
+        counts = Counter(r.status for r in response.results)
+        log.info(
+            "polyv send requestId=%s numbers=%d [%s] statuses=%s elapsed_ms=%.0f",
+            response.request_id,
+            len(phone_numbers),
+            _masked(phone_numbers),
+            dict(sorted(counts.items())),
+            elapsed * 1000,
+        )
+        return response
+
+    def _post(self, body: dict[str, Any]) -> requests.Response:
+        return self._session.post(
+            self.url,
+            params=self.signed_query(),
+            json=body,
+            timeout=(self.timeout, self.timeout),
+        )
+
+    def _transport_error(self, exc: requests.exceptions.RequestException) -> Exception:
+        kind = type(exc).__name__
+        if _is_connect_error(exc):
+            return PolyvUnavailable(f"could not connect to {self.base_url} ({kind})")
+        if isinstance(exc, requests.exceptions.Timeout):
+            return AmbiguousSend(
+                f"no answer from {self.base_url} within {self.timeout:g}s ({kind}); "
+                "Polyv may have sent the SMS"
+            )
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return AmbiguousSend(
+                f"connection to {self.base_url} dropped before an answer ({kind}); "
+                "Polyv may have sent the SMS"
+            )
+        return PolyvUnavailable(f"request to {self.base_url} failed ({kind})")
+
+    def _parse(self, http: requests.Response, elapsed: float) -> PolyvResponse:
+        status = http.status_code
+        try:
+            body = http.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            kind = http.headers.get("Content-Type", "no content type")
+            if status >= 500:
+                raise PolyvUnavailable(f"Polyv answered HTTP {status} ({kind})")
+            raise UnexpectedResponse(
+                f"Polyv answered HTTP {status} with a body that is not a JSON object "
+                f"({kind}, {len(http.content)} bytes)"
+            )
+        request_id = str(body.get("requestId") or "")
+        if status != 200 or body.get("code") != 200 or body.get("success") is False:
+            raise _envelope_error(status, body, request_id)
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise UnexpectedResponse(f"Polyv's answer has no data list (requestId {request_id})")
+        results = []
+        unknown = []
+        for entry in data:
+            result = _parse_entry(entry, request_id)
+            results.append(result)
+            if result.status not in KNOWN_STATUSES:
+                unknown.append(result.status)
+        response = PolyvResponse(request_id, tuple(results), elapsed)
+        if unknown:
+            raise UnexpectedResponse(
+                f"Polyv answered unknown per-number status(es) {sorted(set(unknown))} "
+                f"(requestId {request_id})",
+                response=response,
+            )
+        return response
+
+
+def _parse_entry(entry: object, request_id: str) -> PhoneResult:
+    if not isinstance(entry, dict):
+        raise UnexpectedResponse(f"a data entry is not an object (requestId {request_id})")
+    number = entry.get("phoneNumber")
+    status = entry.get("status")
+    serial = entry.get("serialNo")
+    if isinstance(number, int) and not isinstance(number, bool):
+        number = str(number)
+    if not isinstance(number, str) or not isinstance(status, int) or isinstance(status, bool):
+        raise UnexpectedResponse(
+            f"a data entry lacks phoneNumber or an integer status (requestId {request_id})"
+        )
+    if serial is not None and not isinstance(serial, str):
+        raise UnexpectedResponse(f"a serialNo is not a string (requestId {request_id})")
+    return PhoneResult(number, status, serial or None)
+
+
+def _envelope_error(status: int, body: dict[str, Any], request_id: str) -> Exception:
+    raw_error = body.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+    code = error.get("code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    desc = str(error.get("desc") or body.get("message") or "").strip()
+    where = f"HTTP {status}, requestId {request_id or '-'}"
+    if status == 429 or any(marker in desc.lower() for marker in _RATE_LIMIT_MARKERS):
+        return RateLimited(f"Polyv rate limiting: {desc or 'too many requests'} ({where})")
+    if status >= 500:
+        return PolyvUnavailable(f"Polyv answered HTTP {status}: {desc or 'server error'}")
+    if code is None and not desc:
+        return UnexpectedResponse(f"Polyv answered an error without code or desc ({where})")
+    return PermanentError(
+        f"Polyv refused the request: error {code}: {desc} ({where})",
+        code=code,
+        desc=desc,
+        request_id=request_id or None,
+        http_status=status,
+    )
+
+
+def _masked(numbers: Sequence[str]) -> str:
+    shown = ", ".join(mask(str(n)) for n in numbers[:_LOGGED_NUMBERS])
+    extra = len(numbers) - _LOGGED_NUMBERS
+    return f"{shown}, +{extra} more" if extra > 0 else shown

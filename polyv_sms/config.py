@@ -1,0 +1,309 @@
+"""Settings, read once from the environment at the edges (worker start, CLI).
+
+Everything else takes what it needs as arguments. Every variable, its default and its meaning
+is listed in ``.env.example`` and the README. A missing or malformed value raises
+:class:`~polyv_sms.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from polyv_sms.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_ACCOUNT_DAILY_LIMIT",
+    "DEFAULT_API_BASE",
+    "DEFAULT_BROKER_URL",
+    "DEFAULT_HTTP_TIMEOUT_S",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_PHONE_DAILY_LIMIT",
+    "DEFAULT_RECEIPT_TTL_DAYS",
+    "DEFAULT_RETRY_BACKOFF_MAX_S",
+    "DEFAULT_RETRY_BACKOFF_S",
+    "DEFAULT_TIMEZONE",
+    "DEFAULT_VISIBILITY_TIMEOUT_S",
+    "POLYV_MAX_NUMBERS_PER_REQUEST",
+    "Secret",
+    "Settings",
+]
+
+DEFAULT_API_BASE = "https://api.polyv.net"
+DEFAULT_HTTP_TIMEOUT_S = 10.0
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+DEFAULT_PHONE_DAILY_LIMIT = 10
+DEFAULT_ACCOUNT_DAILY_LIMIT = 2000
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_BACKOFF_S = 2.0
+DEFAULT_RETRY_BACKOFF_MAX_S = 600.0
+DEFAULT_RECEIPT_TTL_DAYS = 30
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
+DEFAULT_REDIS_OUTAGE_S = 30.0
+DEFAULT_RECONCILE_INTERVAL_S = 30.0
+DEFAULT_RECONCILE_GRACE_S = 120.0
+DEFAULT_WORKER_CONCURRENCY = 16
+#: Polyv refuses more than this many numbers in one request.
+POLYV_MAX_NUMBERS_PER_REQUEST = 200
+
+
+class Secret:
+    """A string that does not show itself in ``repr``, ``str``, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret itself; only for computing a sign."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret is not serialisable; pass it explicitly where it is needed")
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    return raw.strip()
+
+
+def _required_text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _text(env, name, default)
+    assert value is not None
+    return value
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False
+) -> float:
+    raw = _text(env, name, None)
+    if raw is None:
+        return default
+    kind = "an integer" if integer else "a number of seconds"
+    try:
+        value = float(int(raw)) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be {kind} >= {minimum:g}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    return int(_number(env, name, default, minimum=minimum, integer=True))
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = _required_text(env, name, default)
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ConfigError(f"{name}: scheme {parts.scheme!r} is not one of {', '.join(schemes)}")
+    if not parts.netloc and parts.scheme not in ("memory",):
+        raise ConfigError(f"{name}: {_redact_url(value)!r} has no host")
+    return value
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sentinel", "memory")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting of polyv-sms; build it with :meth:`from_env` or directly in tests.
+
+    Durations are seconds as floats (fractions allowed). The secret is a :class:`Secret`.
+    """
+
+    app_id: str | None = None
+    app_secret: Secret | None = field(default=None, repr=False)
+    api_base: str = DEFAULT_API_BASE
+    http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str = DEFAULT_BROKER_URL
+    redis_url: str = DEFAULT_BROKER_URL
+    phone_daily_limit: int = DEFAULT_PHONE_DAILY_LIMIT
+    account_daily_limit: int = DEFAULT_ACCOUNT_DAILY_LIMIT
+    timezone: str = DEFAULT_TIMEZONE
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
+    retry_backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S
+    receipt_ttl_days: int = DEFAULT_RECEIPT_TTL_DAYS
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
+    redis_outage_s: float = DEFAULT_REDIS_OUTAGE_S
+    retry_ambiguous: bool = True
+    reconcile_interval_s: float = DEFAULT_RECONCILE_INTERVAL_S
+    reconcile_grace_s: float = DEFAULT_RECONCILE_GRACE_S
+    worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"SMS_TIMEZONE={self.timezone!r} is not a known time zone") from None
+        if self.retry_backoff_max_s * 3 >= self.visibility_timeout_s:
+            raise ConfigError(
+                f"SMS_RETRY_BACKOFF_MAX={self.retry_backoff_max_s:g} must stay below a third of "
+                f"SMS_VISIBILITY_TIMEOUT={self.visibility_timeout_s:g}, or the Redis broker "
+                "redelivers a task that is still waiting for its retry"
+            )
+        if self.retry_backoff_s > self.retry_backoff_max_s:
+            raise ConfigError(
+                f"SMS_RETRY_BACKOFF={self.retry_backoff_s:g} is above "
+                f"SMS_RETRY_BACKOFF_MAX={self.retry_backoff_max_s:g}"
+            )
+        if self.phone_daily_limit > self.account_daily_limit:
+            raise ConfigError(
+                f"SMS_PHONE_DAILY_LIMIT={self.phone_daily_limit} is above "
+                f"SMS_ACCOUNT_DAILY_LIMIT={self.account_daily_limit}"
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from environment variables.
+
+        Args:
+            env: the variables; ``os.environ`` when omitted.
+
+        Returns:
+            The settings. Credentials may be absent: producers only enqueue. Call
+            :meth:`require_credentials` where sending happens.
+
+        Raises:
+            ConfigError: a variable is malformed; the message names it.
+        """
+        env = os.environ if env is None else env
+        broker = _url(env, "SMS_BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES)
+        secret = _text(env, "POLYV_APP_SECRET", None)
+        metrics_port = _text(env, "SMS_METRICS_PORT", None)
+        return cls(
+            app_id=_text(env, "POLYV_APP_ID", None),
+            app_secret=Secret(secret) if secret else None,
+            api_base=_url(env, "POLYV_API_BASE", DEFAULT_API_BASE, ("http", "https")).rstrip("/"),
+            http_timeout_s=_number(
+                env, "POLYV_HTTP_TIMEOUT", DEFAULT_HTTP_TIMEOUT_S, minimum=0.001
+            ),
+            broker_url=broker,
+            result_backend=_required_text(env, "SMS_RESULT_BACKEND", broker),
+            redis_url=_url(env, "SMS_REDIS_URL", broker, _REDIS_SCHEMES)
+            if _text(env, "SMS_REDIS_URL", None) or urlsplit(broker).scheme in _REDIS_SCHEMES
+            else _missing_redis_url(broker),
+            phone_daily_limit=_integer(
+                env, "SMS_PHONE_DAILY_LIMIT", DEFAULT_PHONE_DAILY_LIMIT, minimum=1
+            ),
+            account_daily_limit=_integer(
+                env, "SMS_ACCOUNT_DAILY_LIMIT", DEFAULT_ACCOUNT_DAILY_LIMIT, minimum=1
+            ),
+            timezone=_required_text(env, "SMS_TIMEZONE", DEFAULT_TIMEZONE),
+            max_attempts=_integer(env, "SMS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1),
+            retry_backoff_s=_number(env, "SMS_RETRY_BACKOFF", DEFAULT_RETRY_BACKOFF_S, minimum=0),
+            retry_backoff_max_s=_number(
+                env, "SMS_RETRY_BACKOFF_MAX", DEFAULT_RETRY_BACKOFF_MAX_S, minimum=0
+            ),
+            receipt_ttl_days=_integer(
+                env, "SMS_RECEIPT_TTL_DAYS", DEFAULT_RECEIPT_TTL_DAYS, minimum=1
+            ),
+            visibility_timeout_s=_number(
+                env, "SMS_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S, minimum=1
+            ),
+            redis_outage_s=_number(env, "SMS_REDIS_OUTAGE", DEFAULT_REDIS_OUTAGE_S, minimum=0),
+            retry_ambiguous=_flag(env, "SMS_RETRY_AMBIGUOUS", default=True),
+            reconcile_interval_s=_number(
+                env, "SMS_RECONCILE_INTERVAL", DEFAULT_RECONCILE_INTERVAL_S, minimum=0
+            ),
+            reconcile_grace_s=_number(
+                env, "SMS_RECONCILE_GRACE", DEFAULT_RECONCILE_GRACE_S, minimum=0
+            ),
+            worker_concurrency=_integer(
+                env, "SMS_WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY, minimum=1
+            ),
+            metrics_port=None
+            if metrics_port is None
+            else _integer(env, "SMS_METRICS_PORT", 0, minimum=0),
+        )
+
+    def require_credentials(self) -> tuple[str, Secret]:
+        """Return ``(app_id, app_secret)`` or fail naming the missing variable.
+
+        Raises:
+            ConfigError: ``POLYV_APP_ID`` or ``POLYV_APP_SECRET`` is not set.
+        """
+        pairs = (("POLYV_APP_ID", self.app_id), ("POLYV_APP_SECRET", self.app_secret))
+        missing = [name for name, value in pairs if not value]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} must be set to send SMS (see .env.example)")
+        assert self.app_id is not None
+        assert self.app_secret is not None
+        return self.app_id, self.app_secret
+
+    @property
+    def task_time_limit_s(self) -> float:
+        """Hard limit for one run of the task: every chunk's HTTP call at its worst, plus
+        the ledger's outage budget, plus a margin."""
+        chunks = math.ceil(self.account_daily_limit / POLYV_MAX_NUMBERS_PER_REQUEST)
+        worst_http = 2 * self.http_timeout_s + 2.0  # connect + read, plus in-place connect retries
+        return math.ceil(chunks * worst_http + 2 * self.redis_outage_s + 30)
+
+    @property
+    def lease_s(self) -> float:
+        """How long one run may hold a message's pending numbers, from ``reserve`` to
+        ``settle`` of one HTTP request, before another run may take them over."""
+        return 2 * self.http_timeout_s + 2.0 + self.redis_outage_s + 5.0
+
+    def describe(self) -> dict[str, object]:
+        """The settings as a dict for display, with the secret and URL passwords hidden."""
+        shown: dict[str, object] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "app_secret":
+                value = "(set)" if value else "(not set)"
+            elif isinstance(value, str) and "://" in value:
+                value = _redact_url(value)
+            shown[item.name] = value
+        return shown
+
+
+def _missing_redis_url(broker: str) -> str:
+    raise ConfigError(
+        f"SMS_REDIS_URL must be set: the broker {_redact_url(broker)!r} is not Redis, and quotas "
+        "and receipts live in Redis"
+    )
+
+
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = _text(env, name, None)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")

@@ -1,0 +1,324 @@
+"""One run of a message: validate, reserve, send, settle. No Celery in here.
+
+The Celery task (:mod:`polyv_sms.tasks`) calls :meth:`Dispatcher.run` and either returns the
+result or schedules a retry; tests and the CLI can call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from polyv_sms import metrics
+from polyv_sms.backoff import backoff_delay
+from polyv_sms.client import (
+    KNOWN_STATUSES,
+    STATUS_ACCEPTED,
+    STATUS_INVALID,
+    STATUS_OVER_LIMIT,
+    PhoneResult,
+    PolyvClient,
+    PolyvResponse,
+)
+from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
+from polyv_sms.errors import AmbiguousSend, PermanentError, TransientError, UnexpectedResponse
+from polyv_sms.ledger import Ledger, NumberState, Settlement
+from polyv_sms.phones import PhoneCheck, check_phone, mask
+from polyv_sms.validation import SmsRequest
+
+__all__ = ["OUTCOMES", "Dispatcher", "RunOutcome"]
+
+log = logging.getLogger("polyv_sms.dispatch")
+
+#: The final outcomes of a number, in the order the result's ``counts`` lists them.
+OUTCOMES = ("accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed")
+_BUSY_JITTER_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """What one run achieved.
+
+    Attributes:
+        result: the result dict when every number has its final outcome, else ``None``.
+        retry_in: seconds until the next run when numbers are still pending.
+        reason: why a retry is needed (``"status 11"``, ``"busy"``, an error), for logs.
+    """
+
+    result: dict[str, Any] | None
+    retry_in: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class _Run:
+    message_id: str
+    token: str
+    checks: list[PhoneCheck]
+    states: dict[str, NumberState] = field(default_factory=dict)
+    abort: PermanentError | None = None
+    give_up: str | None = None
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Dispatcher:
+    """Send messages through Polyv under the ledger's quotas.
+
+    Args:
+        ledger: the Redis ledger of the account.
+        client: the Polyv client of the same account.
+        max_attempts: Polyv requests per number, the first included.
+        retry_backoff_s: delay before the first retry.
+        retry_backoff_max_s: the longest delay.
+        retry_ambiguous: retry a request whose answer never came (at-least-once); when
+            ``False`` such numbers end ``failed`` instead (at-most-once).
+        rng: jitter source.
+        clock: the current time in seconds.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        client: PolyvClient,
+        *,
+        max_attempts: int,
+        retry_backoff_s: float,
+        retry_backoff_max_s: float,
+        retry_ambiguous: bool = True,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.client = client
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
+        self.retry_ambiguous = retry_ambiguous
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after ``attempt`` attempts."""
+        return backoff_delay(attempt, self.retry_backoff_s, self.retry_backoff_max_s, self.rng)
+
+    def run(
+        self,
+        request: SmsRequest,
+        *,
+        message_id: str,
+        task_id: str,
+        give_up: str | None = None,
+    ) -> RunOutcome:
+        """Drive every number of a message as far as one run can.
+
+        Args:
+            request: a validated request.
+            message_id: the idempotency key.
+            task_id: the Celery task id (stored for the reconciler).
+            give_up: when set, numbers still pending end ``failed`` with this reason instead
+                of being sent again (the task's safety net against endless retries).
+
+        Returns:
+            The result, or when to run again.
+        """
+        checks = [check_phone(n) for n in request.phone_numbers]
+        run = _Run(message_id, uuid.uuid4().hex, checks, give_up=give_up)
+        valid: list[str] = []
+        invalid: dict[str, str] = {}
+        for check in run.checks:
+            if check.number is not None:
+                if check.number not in valid:
+                    valid.append(check.number)
+            elif check.raw not in invalid and check.reason:
+                invalid[check.raw] = check.reason
+        meta = {
+            "task_id": task_id,
+            "phone_numbers": [c.raw for c in run.checks],
+            "template_param_names": list(request.template_param_names),
+            "template_param_values": list(request.template_param_values),
+            "created_at": round(self.clock(), 3),
+        }
+        chunks = list(_chunks(valid, POLYV_MAX_NUMBERS_PER_REQUEST)) or [[]]
+        for index, chunk in enumerate(chunks):
+            if run.abort is not None:
+                self._fail_unsent(run, chunk)
+                continue
+            first = index == 0
+            reservation = self.ledger.reserve(
+                message_id,
+                chunk,
+                invalid.items() if first else (),
+                token=run.token,
+                meta=meta if first else None,
+            )
+            if reservation.busy_for_s is not None:
+                # The holder usually settles within one HTTP timeout; look again then.
+                wait = min(reservation.busy_for_s, self.client.timeout)
+                delay = wait + self.rng.uniform(0, _BUSY_JITTER_S)
+                log.info(
+                    "message %s is being sent by another run; again in %.1fs", message_id, delay
+                )
+                return RunOutcome(None, delay, "busy")
+            run.states.update((s.number, s) for s in reservation.states)
+            self._count_refusals(reservation.states)
+            self._send_and_settle(run, request, reservation.states)
+        pending = [n for n in valid if run.states.get(n) is None or not run.states[n].final]
+        if pending:
+            attempt = max((run.states[n].attempts for n in pending if n in run.states), default=1)
+            delay = self.backoff(attempt)
+            return RunOutcome(None, delay, "pending")
+        result = self.result(run)
+        metrics.count_outcomes(result["counts"])
+        return RunOutcome(result)
+
+    def _send_and_settle(
+        self, run: _Run, request: SmsRequest, reserved: Sequence[NumberState]
+    ) -> None:
+        to_send = [s.number for s in reserved if s.state == "send"]
+        items = [
+            Settlement(
+                s.number,
+                "fail_keep",
+                s.status,
+                error=f"no attempts left after {s.attempts}; the last one never reported back",
+            )
+            for s in reserved
+            if s.state == "exhausted"
+        ]
+        retry_at = self.clock()
+        if to_send and run.give_up:
+            items += [Settlement(n, "fail_keep", error=run.give_up) for n in to_send]
+        elif to_send:
+            retry_at += self.backoff(max(run.states[n].attempts for n in to_send))
+            items += self._send(run, request, to_send)
+        if items:
+            days = {s.number: s.day for s in reserved}
+            _, settled = self.ledger.settle(
+                run.message_id, items, days=days, token=run.token, retry_at=retry_at
+            )
+            run.states.update((s.number, s) for s in settled)
+
+    def _send(self, run: _Run, request: SmsRequest, numbers: list[str]) -> list[Settlement]:
+        started = time.perf_counter()
+        response: PolyvResponse | None = None
+        try:
+            response = self.client.send(
+                numbers, request.template_param_names, request.template_param_values
+            )
+        except PermanentError as exc:
+            metrics.observe_request(time.perf_counter() - started, "refused", len(numbers))
+            run.abort = exc
+            return [Settlement(n, "fail", error=str(exc)) for n in numbers]
+        except UnexpectedResponse as exc:
+            metrics.observe_request(time.perf_counter() - started, "unexpected", len(numbers))
+            if exc.response is None:
+                return self._retry_all(numbers, "retry", str(exc))
+            response = exc.response
+        except AmbiguousSend as exc:
+            metrics.observe_request(time.perf_counter() - started, "ambiguous", len(numbers))
+            action = "retry_keep" if self.retry_ambiguous else "fail_keep"
+            return self._retry_all(numbers, action, str(exc))
+        except TransientError as exc:
+            metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
+            return self._retry_all(numbers, "retry", str(exc))
+        else:
+            metrics.observe_request(time.perf_counter() - started, "answered", len(numbers))
+        return self._map_statuses(numbers, response)
+
+    def _retry_all(self, numbers: list[str], action: str, error: str) -> list[Settlement]:
+        metrics.count_retries("transport", len(numbers))
+        return [Settlement(n, action, error=error) for n in numbers]
+
+    def _map_statuses(self, numbers: list[str], response: PolyvResponse) -> list[Settlement]:
+        answers: dict[str, PhoneResult] = {}
+        for result in response.results:
+            answers.setdefault(result.phone_number, result)
+        items = []
+        retried = 0
+        for number in numbers:
+            answer = answers.get(number)
+            if answer is None:
+                items.append(
+                    Settlement(number, "retry_keep", error="Polyv's answer did not mention it")
+                )
+                retried += 1
+                continue
+            status = answer.status
+            if status == STATUS_ACCEPTED:
+                items.append(Settlement(number, "accepted", status, answer.serial_no))
+            elif status == STATUS_INVALID:
+                items.append(Settlement(number, "invalid", status, error="Polyv: invalid number"))
+            elif status == STATUS_OVER_LIMIT:
+                error = "Polyv: this number reached its daily limit"
+                items.append(Settlement(number, "quota", status, error=error))
+            elif status in KNOWN_STATUSES:
+                error = "Polyv status 11: the call to Aliyun failed"
+                items.append(Settlement(number, "retry", status, error=error))
+                retried += 1
+            else:
+                error = f"Polyv answered unknown status {status}; not retried to avoid a duplicate"
+                items.append(Settlement(number, "fail_keep", status, error=error))
+        if retried:
+            metrics.count_retries("status_11", retried)
+        return items
+
+    def _fail_unsent(self, run: _Run, numbers: Sequence[str]) -> None:
+        """After a Polyv error envelope, end the numbers not sent yet ``failed``."""
+        assert run.abort is not None
+        known = self.ledger.peek(run.message_id, numbers)
+        days = {n: s.day for n, s in known.items() if s.state == "reserved"}
+        items = [Settlement(n, "fail", error=str(run.abort)) for n in numbers]
+        _, settled = self.ledger.settle(
+            run.message_id, items, days=days, token=run.token, retry_at=self.clock()
+        )
+        run.states.update((s.number, s) for s in settled)
+
+    @staticmethod
+    def _count_refusals(states: Sequence[NumberState]) -> None:
+        for state in states:
+            if state.state in ("quota_exceeded", "account_quota_exceeded") and not state.status:
+                metrics.count_quota_refusal(state.state)
+
+    def result(self, run: _Run) -> dict[str, Any]:
+        """The task's result dict: per-number outcomes in input order, and counts."""
+        counts = dict.fromkeys(OUTCOMES, 0)
+        results = []
+        seen: set[str] = set()
+        for check in run.checks:
+            key = check.number if check.number is not None else check.raw
+            if key in seen:
+                continue
+            seen.add(key)
+            state = run.states.get(key)
+            if state is None or not state.final:
+                state = NumberState(key, "invalid", "", 0, None, None, check.reason)
+            counts[state.state] += 1
+            results.append(
+                {
+                    "phone_number": key,
+                    "outcome": state.state,
+                    "status": state.status,
+                    "serial_no": state.serial_no,
+                    "attempts": state.attempts,
+                    "error": None if state.state == "accepted" else state.error,
+                }
+            )
+        accepted = counts["accepted"]
+        log.info(
+            "message %s done: %s",
+            run.message_id,
+            ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no numbers",
+        )
+        if accepted and log.isEnabledFor(logging.DEBUG):
+            sent = [mask(str(r["phone_number"])) for r in results if r["outcome"] == "accepted"]
+            log.debug("message %s accepted for %s", run.message_id, ", ".join(sent))
+        return {"message_id": run.message_id, "results": results, "counts": counts}

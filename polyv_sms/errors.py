@@ -1,0 +1,118 @@
+"""The exceptions polyv-sms raises.
+
+One root, with branches that match what the worker does about them::
+
+    SmsError
+    ├── ConfigError            a setting is missing or malformed (names the variable)
+    ├── InvalidRequest         bad input; nothing is sent, no quota is taken
+    │   └── BatchTooLarge      more numbers than one Polyv request may carry
+    ├── TransientError         worth retrying with backoff
+    │   ├── PolyvUnavailable   network error, timeout, HTTP 5xx
+    │   │   └── AmbiguousSend  the request left but no answer came: Polyv may have sent it
+    │   ├── RateLimited        Polyv's "qps exceeds number of calls"
+    │   ├── UnexpectedResponse the body is not the documented JSON
+    │   └── LedgerUnavailable  the quota/receipt Redis could not be reached in time
+    ├── PermanentError         Polyv refused the request (bad appId, sign, parameters)
+    └── QuotaError             a daily limit stops the send
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from polyv_sms.client import PolyvResponse
+
+__all__ = [
+    "AmbiguousSend",
+    "BatchTooLarge",
+    "ConfigError",
+    "InvalidRequest",
+    "LedgerUnavailable",
+    "PermanentError",
+    "PolyvUnavailable",
+    "QuotaError",
+    "RateLimited",
+    "SmsError",
+    "TransientError",
+    "UnexpectedResponse",
+]
+
+
+class SmsError(Exception):
+    """Root of every error polyv-sms raises on purpose."""
+
+
+class ConfigError(SmsError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class InvalidRequest(SmsError, ValueError):
+    """The request is malformed; the message names the field and the problem."""
+
+
+class BatchTooLarge(InvalidRequest):
+    """More numbers than Polyv accepts in one request (200)."""
+
+
+class TransientError(SmsError):
+    """A failure that may go away: the worker retries it with backoff."""
+
+
+class PolyvUnavailable(TransientError):
+    """Polyv could not be reached, timed out, or answered with an HTTP 5xx."""
+
+
+class AmbiguousSend(PolyvUnavailable):
+    """The request was sent but no answer arrived: Polyv may or may not have sent the SMS."""
+
+
+class RateLimited(TransientError):
+    """Polyv's rate limiting ("qps exceeds number of calls")."""
+
+
+class UnexpectedResponse(TransientError):
+    """Polyv answered with something that is not the documented JSON.
+
+    Attributes:
+        response: when the envelope parsed but some per-number entries did not (an unknown
+            status, say), the parsed response with the entries that did; otherwise ``None``.
+    """
+
+    def __init__(self, message: str, response: PolyvResponse | None = None) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+class LedgerUnavailable(TransientError):
+    """The Redis that holds quotas and receipts did not answer within the retry budget."""
+
+
+class PermanentError(SmsError):
+    """Polyv refused the request with an error envelope; retrying will not help.
+
+    Attributes:
+        code: Polyv's ``error.code`` (e.g. 20001), or ``None``.
+        desc: Polyv's ``error.desc``.
+        request_id: Polyv's ``requestId``, for support tickets.
+        http_status: the HTTP status of the answer.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        desc: str = "",
+        request_id: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.desc = desc
+        self.request_id = request_id
+        self.http_status = http_status
+
+
+class QuotaError(SmsError):
+    """A daily limit (per number or per account) stops the send."""

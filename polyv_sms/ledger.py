@@ -1,0 +1,420 @@
+"""The Redis ledger: daily quotas, per-message outcomes, receipts.
+
+All keys of one account share the hash tag ``{appId}`` so that each Lua script touches one
+Redis Cluster slot::
+
+    polyv_sms:{appId}:quota:<YYYYMMDD>   hash: a count per number, "_total" for the account
+    polyv_sms:{appId}:msg:<message_id>   hash: the message record (see lua/reserve.lua)
+    polyv_sms:{appId}:receipt:<serialNo> hash: number, message id, accepted-at, attempt
+    polyv_sms:{appId}:phone:<number>     zset: that number's serialNos by acceptance time
+    polyv_sms:{appId}:dead               zset: message ids with numbers that ended failed
+    polyv_sms:{appId}:pending            zset: message ids with numbers still reserved, scored
+                                         by when the reconciler may re-enqueue them
+
+``reserve`` and ``settle`` are one Lua script each, one round trip per Polyv request. Every
+call rides out a short Redis outage (a restart) with a bounded in-place retry, so that a
+settle after Polyv accepted the numbers is not lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import resources
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import redis
+import tenacity
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from polyv_sms.errors import LedgerUnavailable
+
+__all__ = [
+    "FINAL_STATES",
+    "Keys",
+    "Ledger",
+    "NumberState",
+    "Reservation",
+    "Settlement",
+    "connect_redis",
+    "load_script",
+]
+
+log = logging.getLogger("polyv_sms.ledger")
+
+FINAL_STATES = frozenset(
+    {"accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed"}
+)
+DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
+DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
+_T = TypeVar("_T")
+_REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def load_script(name: str) -> str:
+    """Return the source of ``polyv_sms/lua/<name>.lua`` (shipped in the wheel)."""
+    return resources.files("polyv_sms").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+def connect_redis(
+    url: str,
+    *,
+    socket_timeout: float = DEFAULT_REDIS_SOCKET_TIMEOUT_S,
+    connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S,
+) -> redis.Redis:
+    """A Redis client for the ledger with explicit timeouts (redis-py 8 changed the defaults).
+
+    Connecting is lazy: nothing happens until the first command.
+    """
+    client: redis.Redis = redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+    )
+    return client
+
+
+class Keys:
+    """Key names of one account."""
+
+    def __init__(self, app_id: str, prefix: str = "polyv_sms") -> None:
+        self.base = f"{prefix}:{{{app_id}}}:"
+        self.pending = self.base + "pending"
+        self.dead = self.base + "dead"
+        self.reconcile_lock = self.base + "reconcile-lock"
+
+    def quota(self, day: str) -> str:
+        """The quota hash of a day (``YYYYMMDD``)."""
+        return f"{self.base}quota:{day}"
+
+    def message(self, message_id: str) -> str:
+        """The record of one message."""
+        return f"{self.base}msg:{message_id}"
+
+    def receipt(self, serial_no: str) -> str:
+        """The receipt of one accepted number."""
+        return f"{self.base}receipt:{serial_no}"
+
+    def phone(self, number: str) -> str:
+        """The receipts of one number, by time."""
+        return f"{self.base}phone:{number}"
+
+
+@dataclass(frozen=True, slots=True)
+class NumberState:
+    """One number's state in a message, as the ledger holds it.
+
+    Attributes:
+        number: the normalised number (or the input text of an invalid one).
+        state: ``reserved``, a final outcome, or (from ``reserve`` only) ``send`` when this
+            attempt is granted and ``exhausted`` when no attempt is left.
+        day: the day (``YYYYMMDD``) the quota unit was taken from.
+        attempts: Polyv requests that carried this number for this message.
+        status: Polyv's last per-number status, if any.
+        serial_no: the receipt id when accepted.
+        error: why a number is not accepted (or why the last attempt failed).
+    """
+
+    number: str
+    state: str
+    day: str
+    attempts: int
+    status: int | None
+    serial_no: str | None
+    error: str | None
+
+    @property
+    def final(self) -> bool:
+        """True when the number has its final outcome."""
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``reserve`` decided.
+
+    Attributes:
+        busy_for_s: set when another run holds the message's pending numbers; try again
+            after this many seconds. ``states`` is empty then.
+        pending: numbers of the message still reserved (in flight or waiting for a retry).
+        states: one entry per number asked about, in the order asked.
+    """
+
+    busy_for_s: float | None
+    pending: int
+    states: tuple[NumberState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to record for one number after a Polyv request (see lua/settle.lua)."""
+
+    number: str
+    action: str
+    status: int | None = None
+    serial_no: str | None = None
+    error: str = ""
+
+
+def _states(fields: Sequence[Any], start: int) -> tuple[NumberState, ...]:
+    out = []
+    for i in range(start, len(fields), 7):
+        number, state, day, attempts, status, serial, error = fields[i : i + 7]
+        out.append(
+            NumberState(
+                number=str(number),
+                state=str(state),
+                day=str(day),
+                attempts=int(attempts or 0),
+                status=int(status) if status not in ("", None) else None,
+                serial_no=str(serial) if serial else None,
+                error=str(error) if error else None,
+            )
+        )
+    return tuple(out)
+
+
+class Ledger:
+    """Quota reservation and settlement for one Polyv account.
+
+    Args:
+        client: a Redis client with ``decode_responses=True`` (see :func:`connect_redis`).
+        app_id: the account; it is the keys' hash tag.
+        phone_daily_limit: accepted sends per number per day.
+        account_daily_limit: accepted sends per account per day.
+        max_attempts: Polyv requests per number per message, the first included.
+        receipt_ttl_days: how long message records and receipts are kept.
+        timezone: what "a day" means.
+        lease_s: how long one run holds a message's pending numbers.
+        reconcile_grace_s: how long after a retry is due the reconciler re-enqueues it.
+        outage_s: how long a call keeps retrying while Redis is unreachable.
+        clock: the current time in seconds.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        app_id: str,
+        *,
+        phone_daily_limit: int,
+        account_daily_limit: int,
+        max_attempts: int,
+        receipt_ttl_days: int,
+        timezone: str,
+        lease_s: float,
+        reconcile_grace_s: float,
+        outage_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.app_id = app_id
+        self.keys = Keys(app_id)
+        self.phone_daily_limit = phone_daily_limit
+        self.account_daily_limit = account_daily_limit
+        self.max_attempts = max_attempts
+        self.ttl_s = receipt_ttl_days * 86400
+        self.tz = ZoneInfo(timezone)
+        self.lease_s = lease_s
+        self.reconcile_grace_s = reconcile_grace_s
+        self.clock = clock
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_REDIS_OUTAGE_ERRORS),
+            stop=tenacity.stop_after_delay(outage_s),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
+            before_sleep=self._log_outage,
+            reraise=True,
+        )
+        self._reserve = client.register_script(load_script("reserve"))
+        self._settle = client.register_script(load_script("settle"))
+        self._requeue = client.register_script(load_script("requeue"))
+
+    def __repr__(self) -> str:
+        return f"Ledger(app_id={self.app_id!r})"
+
+    @staticmethod
+    def _log_outage(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "ledger Redis unreachable (%s); retrying, attempt %d",
+            type(exc).__name__,
+            state.attempt_number,
+        )
+
+    def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Run one Redis call, riding out a short outage.
+
+        Raises:
+            LedgerUnavailable: Redis stayed unreachable for the whole outage budget.
+        """
+        try:
+            return self._retrying(fn, *args, **kwargs)
+        except _REDIS_OUTAGE_ERRORS as exc:
+            raise LedgerUnavailable(f"ledger Redis unreachable: {type(exc).__name__}") from exc
+
+    def day(self, now: float | None = None) -> str:
+        """The day (``YYYYMMDD`` in the configured time zone) of a moment."""
+        moment = self.clock() if now is None else now
+        return datetime.fromtimestamp(moment, self.tz).strftime("%Y%m%d")
+
+    def day_expireat(self, day: str) -> int:
+        """When a day's quota hash expires: the end of that day plus one day of grace."""
+        start = datetime.strptime(day, "%Y%m%d").replace(tzinfo=self.tz)
+        return int((start + timedelta(days=2)).timestamp())
+
+    def reserve(
+        self,
+        message_id: str,
+        numbers: Sequence[str],
+        invalid: Iterable[tuple[str, str]] = (),
+        *,
+        token: str,
+        meta: Mapping[str, object] | None = None,
+    ) -> Reservation:
+        """Take a quota unit for each new number and grant this attempt to reserved ones.
+
+        Args:
+            message_id: the message.
+            numbers: valid, normalised, distinct numbers (at most one Polyv request's worth).
+            invalid: ``(input text, reason)`` of numbers that failed validation; recorded as
+                ``invalid`` unless the message already has an outcome for them.
+            token: this run's lease token.
+            meta: the request, stored once, for the reconciler and ``dead --requeue``.
+
+        Returns:
+            The decision for each number, in order.
+        """
+        now = self.clock()
+        now_ms = int(now * 1000)
+        day = self.day(now)
+        invalid = list(invalid)
+        args: list[Any] = [
+            now_ms,
+            day,
+            self.day_expireat(day),
+            self.ttl_s,
+            self.phone_daily_limit,
+            self.account_daily_limit,
+            self.max_attempts,
+            token,
+            int(self.lease_s * 1000),
+            now_ms + int((self.lease_s + self.reconcile_grace_s) * 1000),
+            message_id,
+            json.dumps(meta, separators=(",", ":"), ensure_ascii=False) if meta else "",
+            len(numbers),
+            len(invalid),
+            *numbers,
+        ]
+        for text, reason in invalid:
+            args += [text, reason]
+        keys = [self.keys.message(message_id), self.keys.quota(day), self.keys.pending]
+        reply = self.call(self._reserve, keys=keys, args=args)
+        if reply[0] == "busy":
+            return Reservation(int(reply[1]) / 1000, 0, ())
+        return Reservation(None, int(reply[1]), _states(reply, 2))
+
+    def settle(
+        self,
+        message_id: str,
+        items: Sequence[Settlement],
+        *,
+        days: Mapping[str, str],
+        token: str,
+        retry_at: float,
+    ) -> tuple[int, tuple[NumberState, ...]]:
+        """Record Polyv's answers for the numbers of one request.
+
+        Args:
+            message_id: the message.
+            items: what to record per number.
+            days: for each reserved number, the day its unit was taken from.
+            token: this run's lease token (released).
+            retry_at: when a retry of the numbers left reserved is due (seconds).
+
+        Returns:
+            ``(pending, states)``: numbers of the message still reserved, and the state of
+            each number settled, in order.
+        """
+        now_ms = int(self.clock() * 1000)
+        keys = [self.keys.message(message_id), self.keys.pending, self.keys.dead]
+        index: dict[str, int] = {}
+
+        def key_index(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
+
+        args: list[Any] = [
+            now_ms,
+            token,
+            self.ttl_s,
+            self.max_attempts,
+            self.phone_daily_limit,
+            int((retry_at + self.reconcile_grace_s) * 1000),
+            message_id,
+            len(items),
+        ]
+        for item in items:
+            day = days.get(item.number)
+            accepted = item.action == "accepted" and item.serial_no
+            args += [
+                item.number,
+                item.action,
+                "" if item.status is None else item.status,
+                item.serial_no or "",
+                item.error,
+                key_index(self.keys.quota(day)) if day else 0,
+                key_index(self.keys.receipt(item.serial_no or "")) if accepted else 0,
+                key_index(self.keys.phone(item.number)) if accepted else 0,
+            ]
+        reply = self.call(self._settle, keys=keys, args=args)
+        return int(reply[0]), _states(reply, 1)
+
+    def requeue(self, message_id: str) -> list[str]:
+        """Forget the failed outcomes of a message so it can be sent again.
+
+        Returns:
+            The numbers that will be sent again.
+        """
+        keys = [self.keys.message(message_id), self.keys.dead]
+        reply = self.call(self._requeue, keys=keys, args=[message_id])
+        return [str(number) for number in reply]
+
+    def peek(self, message_id: str, numbers: Sequence[str]) -> dict[str, NumberState]:
+        """Read the stored state of some numbers of a message (one ``HMGET``).
+
+        Returns:
+            The numbers that have a state, mapped to it.
+        """
+        if not numbers:
+            return {}
+        key = self.keys.message(message_id)
+        values = self.call(self.redis.hmget, key, [f"n:{n}" for n in numbers])
+        found: dict[str, NumberState] = {}
+        for number, value in zip(numbers, values, strict=True):
+            if value:
+                found[number] = parse_record(number, str(value))
+        return found
+
+
+def parse_record(number: str, value: str) -> NumberState:
+    """Parse a message record's ``n:<number>`` field (``state|day|attempts|status|...``)."""
+    state, day, attempts, status, serial, _updated, error = value.split("|", 6)
+    return NumberState(
+        number=number,
+        state=state,
+        day=day,
+        attempts=int(attempts or 0),
+        status=int(status) if status else None,
+        serial_no=serial or None,
+        error=error or None,
+    )

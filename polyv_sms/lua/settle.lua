@@ -1,0 +1,159 @@
+--[[
+settle.lua — record Polyv's answer for the numbers of one request. One round trip, atomic.
+
+A number already in a final state is left as it is (settling twice changes nothing).
+Refunds go to the quota hash of the day the unit was taken from and never take a counter
+below zero; an expired day is not recreated.
+
+KEYS[1]  polyv_sms:{appId}:msg:<message_id>   hash, the message record (see reserve.lua)
+KEYS[2]  polyv_sms:{appId}:pending            zset, message ids with numbers still reserved
+KEYS[3]  polyv_sms:{appId}:dead               zset, message ids with numbers that ended failed
+KEYS[4..] quota hashes (polyv_sms:{appId}:quota:<day>), receipt hashes
+         (polyv_sms:{appId}:receipt:<serialNo>) and phone zsets (polyv_sms:{appId}:phone:<number>),
+         referred to by index from ARGV
+
+ARGV[1]  now (ms)
+ARGV[2]  lease token of this run (released if it still holds it)
+ARGV[3]  TTL of the message record, receipts and phone zsets (seconds)
+ARGV[4]  max attempts per number
+ARGV[5]  per-number daily limit
+ARGV[6]  score for KEYS[2] when numbers stay reserved (ms; when the reconciler may step in)
+ARGV[7]  message id
+ARGV[8]  k: how many numbers follow, 8 fields each:
+         number, action, status, serial, error, quota key index, receipt key index,
+         phone key index (indexes into KEYS; 0 = none)
+
+Actions:
+  accepted    status 12: final "accepted", receipt written, unit kept
+  invalid     status -2: final "invalid", unit refunded
+  quota       status -1: final "quota_exceeded", unit refunded, the number's counter raised to
+              the limit (Polyv knows better than we do)
+  retry       status 11 or a transport failure: stays "reserved"; with no attempts left final
+              "failed", unit refunded, message added to the dead set
+  retry_keep  like retry, but the unit is kept when it ends failed (Polyv may have sent it)
+  fail        final "failed", unit refunded, dead set (a Polyv error envelope)
+  fail_keep   final "failed", unit kept, dead set (an answer we cannot interpret)
+
+Returns {pending, then 7 fields per number: number, state, day, attempts, status, serial, error}.
+]]
+
+local msg, pending_set, dead = KEYS[1], KEYS[2], KEYS[3]
+local now = ARGV[1]
+local ttl = ARGV[3]
+local max_attempts = tonumber(ARGV[4])
+local phone_limit = tonumber(ARGV[5])
+local message_id = ARGV[7]
+local k = tonumber(ARGV[8])
+
+local function parse(v)
+  return string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+
+local function pack(state, d, attempts, status, serial, err)
+  return table.concat({state, d, attempts, status, serial, now, err}, '|')
+end
+
+local function decrement(key, field)
+  local count = tonumber(redis.call('HGET', key, field) or '0')
+  if count > 0 then
+    redis.call('HINCRBY', key, field, -1)
+  end
+end
+
+local function refund(quota, number)
+  if quota then
+    decrement(quota, number)
+    decrement(quota, '_total')
+  end
+end
+
+local out = {''}
+local pending = tonumber(redis.call('HGET', msg, 'pending') or '0')
+local failed = false
+
+for i = 9, 8 + 8 * k, 8 do
+  local number, action, status, serial, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local quota_i, receipt_i, phone_i = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
+  local quota = quota_i > 0 and KEYS[quota_i] or nil
+  local field = 'n:' .. number
+  local current = redis.call('HGET', msg, field)
+  local state, d, attempts, old_status, old_serial, _, old_err = 'absent', '', '0', '', '', '', ''
+  if current then
+    state, d, attempts, old_status, old_serial, _, old_err = parse(current)
+  end
+  attempts = tonumber(attempts)
+  local held = state == 'reserved'
+  local new_state = state
+
+  if state == 'reserved' or state == 'absent' then
+    if action == 'accepted' then
+      new_state = 'accepted'
+      if receipt_i > 0 and serial ~= '' then
+        redis.call('HSET', KEYS[receipt_i], 'serial_no', serial, 'phone_number', number,
+          'message_id', message_id, 'accepted_at', now, 'attempt', attempts, 'day', d)
+        redis.call('EXPIRE', KEYS[receipt_i], ttl)
+      end
+      if phone_i > 0 and serial ~= '' then
+        redis.call('ZADD', KEYS[phone_i], now, serial)
+        redis.call('ZREMRANGEBYSCORE', KEYS[phone_i], '-inf', '(' .. (tonumber(now) - ttl * 1000))
+        redis.call('EXPIRE', KEYS[phone_i], ttl)
+      end
+    elseif action == 'invalid' then
+      new_state = 'invalid'
+      if held then refund(quota, number) end
+    elseif action == 'quota' then
+      new_state = 'quota_exceeded'
+      if held and quota and redis.call('EXISTS', quota) == 1 then
+        decrement(quota, '_total')
+        local count = tonumber(redis.call('HGET', quota, number) or '0')
+        if count < phone_limit then
+          redis.call('HSET', quota, number, phone_limit)
+        end
+      end
+    elseif action == 'retry' or action == 'retry_keep' then
+      if held and attempts < max_attempts then
+        new_state = 'reserved'
+      else
+        new_state = 'failed'
+        if held and action == 'retry' then refund(quota, number) end
+        err = err .. ' (gave up after ' .. attempts .. ' attempts)'
+      end
+    elseif action == 'fail' or action == 'fail_keep' then
+      new_state = 'failed'
+      if held and action == 'fail' then refund(quota, number) end
+    else
+      return redis.error_reply('settle.lua: unknown action ' .. action)
+    end
+    if held and new_state ~= 'reserved' then
+      pending = pending - 1
+    end
+    if new_state == 'failed' then
+      failed = true
+    end
+    if status == '' then status = old_status end
+    if serial == '' then serial = old_serial end
+    redis.call('HSET', msg, field, pack(new_state, d, attempts, status, serial, err))
+  else
+    status, serial, err = old_status, old_serial, old_err
+  end
+  local o = #out
+  out[o + 1] = number; out[o + 2] = new_state; out[o + 3] = d; out[o + 4] = attempts
+  out[o + 5] = status; out[o + 6] = serial; out[o + 7] = err
+end
+
+if pending < 0 then pending = 0 end
+redis.call('HSET', msg, 'pending', pending)
+if redis.call('HGET', msg, 'lease') == ARGV[2] then
+  redis.call('HDEL', msg, 'lease', 'lease_until')
+end
+if pending > 0 then
+  redis.call('ZADD', pending_set, ARGV[6], message_id)
+else
+  redis.call('ZREM', pending_set, message_id)
+end
+if failed then
+  redis.call('ZADD', dead, now, message_id)
+end
+redis.call('EXPIRE', msg, ttl)
+out[1] = tostring(pending)
+return out

@@ -1,0 +1,81 @@
+"""Normalise and validate mainland China mobile numbers.
+
+Accepted input: ``str`` or ``int`` (never ``bool``). Spaces, dashes, dots and parentheses are
+tolerated, as is a ``+86``, ``0086`` or ``86`` country prefix. The result is 11 ASCII digits
+starting with ``1`` and a second digit 3-9 (every mainland mobile range). Anything else is
+rejected with a reason in words.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["PhoneCheck", "check_phone", "mask"]
+
+_SEPARATORS = re.compile(r"[\s\-.()]+")
+_MOBILE = re.compile(r"1[3-9][0-9]{9}")
+_DIGITS = re.compile(r"[0-9]+")
+_MAX_INPUT_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneCheck:
+    """The verdict on one input number.
+
+    Attributes:
+        raw: the input as text (what the result reports for an invalid number).
+        number: the normalised 11-digit number, or ``None`` when invalid.
+        reason: why it is invalid, or ``None``.
+    """
+
+    raw: str
+    number: str | None
+    reason: str | None = None
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, str):
+        return value[:_MAX_INPUT_CHARS]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return repr(value)[:_MAX_INPUT_CHARS]
+
+
+def check_phone(value: object) -> PhoneCheck:
+    """Normalise one number and say whether it can be sent to.
+
+    Args:
+        value: a number as given by the caller.
+
+    Returns:
+        The verdict; ``number`` is set when the number is valid.
+    """
+    raw = _as_text(value)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return PhoneCheck(raw, None, f"must be a string or an integer, not {type(value).__name__}")
+    if isinstance(value, str) and len(value) > _MAX_INPUT_CHARS:
+        return PhoneCheck(raw, None, f"is {len(value)} characters long; a number has 11 digits")
+    text = _SEPARATORS.sub("", str(value))
+    if not text:
+        return PhoneCheck(raw, None, "is empty")
+    if text.startswith("+86"):
+        text = text[3:]
+    elif text.startswith("0086") and len(text) == 15:
+        text = text[4:]
+    elif text.startswith("86") and len(text) == 13:
+        text = text[2:]
+    if not _DIGITS.fullmatch(text):
+        return PhoneCheck(raw, None, "contains characters other than digits")
+    if len(text) != 11:
+        return PhoneCheck(raw, None, f"has {len(text)} digits; a mobile number has 11")
+    if not _MOBILE.fullmatch(text):
+        return PhoneCheck(raw, None, "is not a mainland China mobile number (1[3-9]xxxxxxxxx)")
+    return PhoneCheck(raw, text)
+
+
+def mask(number: str) -> str:
+    """Mask a number for logs: ``17680476163`` -> ``176****6163``."""
+    if len(number) >= 8:
+        return f"{number[:3]}****{number[-4:]}"
+    return "*" * len(number)

@@ -1,0 +1,163 @@
+"""Answer "did this SMS go out?": look-ups by message id, serialNo and phone number.
+
+Everything returns plain, JSON-safe dicts. Only ``POLYV_APP_ID`` and the ledger's Redis are
+needed, never the secret::
+
+    from polyv_sms import Receipts
+    receipts = Receipts.from_env()
+    receipts.message("order-1234")       # per-number outcomes of a message
+    receipts.receipt("605320356903663783^0")
+    receipts.phone("17680476163")        # that number's receipts and today's count
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from polyv_sms.config import Settings
+from polyv_sms.ledger import Ledger, connect_redis, parse_record
+from polyv_sms.phones import check_phone
+
+__all__ = ["Receipts"]
+
+
+def _iso(ms: float | str | None) -> str | None:
+    if ms in (None, ""):
+        return None
+    return datetime.fromtimestamp(float(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class Receipts:
+    """Read-only queries over the ledger of one account.
+
+    Args:
+        ledger: the account's ledger.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    @classmethod
+    def from_env(cls) -> Receipts:
+        """Build from ``POLYV_APP_ID``, ``SMS_REDIS_URL`` and the other settings."""
+        from polyv_sms.runtime import build_ledger  # noqa: PLC0415 - avoids an import cycle
+
+        settings = Settings.from_env()
+        return cls(build_ledger(settings, connect_redis(settings.redis_url)))
+
+    def _hash(self, key: str) -> dict[str, str]:
+        ledger = self.ledger
+        return cast(dict[str, str], ledger.call(ledger.redis.hgetall, key))
+
+    def _newest(self, key: str, limit: int) -> list[tuple[str, float]]:
+        ledger = self.ledger
+        found = ledger.call(ledger.redis.zrevrange, key, 0, limit - 1, withscores=True)
+        return cast(list[tuple[str, float]], found)
+
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        """A message's per-number states, attempts and serialNos, or ``None`` if unknown.
+
+        Numbers still ``reserved`` are in flight or waiting for a retry.
+        """
+        record = self._hash(self.ledger.keys.message(message_id))
+        if not record:
+            return None
+        meta = json.loads(record.get("meta") or "{}")
+        numbers = []
+        counts: dict[str, int] = {}
+        for field, value in record.items():
+            if not field.startswith("n:"):
+                continue
+            state = parse_record(field[2:], value)
+            updated = value.split("|", 6)[5]
+            counts[state.state] = counts.get(state.state, 0) + 1
+            numbers.append(
+                {
+                    "phone_number": state.number,
+                    "state": state.state,
+                    "status": state.status,
+                    "serial_no": state.serial_no,
+                    "attempts": state.attempts,
+                    "error": state.error,
+                    "day": state.day or None,
+                    "updated_at": _iso(updated),
+                }
+            )
+        order = {str(n): i for i, n in enumerate(meta.get("phone_numbers", []))}
+        numbers.sort(key=lambda n: order.get(str(n["phone_number"]), len(order)))
+        created = meta.get("created_at")
+        return {
+            "message_id": message_id,
+            "task_id": meta.get("task_id"),
+            "created_at": _iso(created * 1000) if created else None,
+            "pending": int(record.get("pending") or 0),
+            "numbers": numbers,
+            "counts": counts,
+        }
+
+    def receipt(self, serial_no: str) -> dict[str, Any] | None:
+        """One receipt: number, message id, when it was accepted, on which attempt."""
+        record = self._hash(self.ledger.keys.receipt(serial_no))
+        if not record:
+            return None
+        return {
+            "serial_no": record.get("serial_no", serial_no),
+            "phone_number": record.get("phone_number"),
+            "message_id": record.get("message_id"),
+            "accepted_at": _iso(record.get("accepted_at")),
+            "attempt": int(record.get("attempt") or 0),
+            "day": record.get("day"),
+        }
+
+    def phone(self, number: str, limit: int = 20) -> dict[str, Any]:
+        """A number's latest receipts (newest first) and today's count against its limit."""
+        ledger = self.ledger
+        normalised = check_phone(number).number or number
+        serials = self._newest(ledger.keys.phone(normalised), limit)
+        receipts = []
+        for serial, _score in serials:
+            found = self.receipt(serial)
+            receipts.append(found or {"serial_no": serial, "expired": True})
+        day = ledger.day()
+        used = ledger.call(ledger.redis.hget, ledger.keys.quota(day), normalised)
+        return {
+            "phone_number": normalised,
+            "receipts": receipts,
+            "today": {
+                "day": day,
+                "count": int(used or 0),
+                "limit": ledger.phone_daily_limit,
+            },
+        }
+
+    def quota(self, day: str | None = None, top: int = 10) -> dict[str, Any]:
+        """The account's use of a day (today by default) and the busiest numbers."""
+        ledger = self.ledger
+        day = day or ledger.day()
+        counts = self._hash(ledger.keys.quota(day))
+        total = int(counts.pop("_total", 0) or 0)
+        busiest = sorted(((int(v), k) for k, v in counts.items()), reverse=True)[:top]
+        return {
+            "day": day,
+            "timezone": str(ledger.tz),
+            "account": {"used": total, "limit": ledger.account_daily_limit},
+            "phone_limit": ledger.phone_daily_limit,
+            "numbers": len(counts),
+            "top": [{"phone_number": k, "count": v} for v, k in busiest],
+        }
+
+    def dead(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Messages with numbers that ended ``failed``, newest first."""
+        entries = self._newest(self.ledger.keys.dead, limit)
+        out = []
+        for message_id, score in entries:
+            status = self.message(message_id)
+            failed = [
+                {"phone_number": n["phone_number"], "error": n["error"]}
+                for n in (status or {}).get("numbers", [])
+                if n["state"] == "failed"
+            ]
+            out.append({"message_id": message_id, "failed_at": _iso(score), "failed": failed})
+        return out

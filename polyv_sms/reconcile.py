@@ -1,0 +1,123 @@
+"""The reconciler: re-enqueue messages whose retry never ran.
+
+A message with numbers still ``reserved`` sits in the ledger's ``pending`` set, scored by the
+time its retry is due plus a grace period. Normally the retry (a broker message published by
+``self.retry``) runs first and moves or removes the entry. When it cannot - Celery drops a
+task whose retry could not be published while the broker was down, or a worker holding the
+retry was killed - the entry becomes overdue and the reconciler publishes the message again,
+with the same task id and message id. The ledger makes a second copy harmless: accepted numbers
+are never sent again and a lease keeps two runs from sending the same numbers at once.
+
+Every worker runs a reconciler thread (``SMS_RECONCILE_INTERVAL``; 0 turns it off); a Redis lock
+lets one sweep at a time. ``polyv-sms reconcile`` runs one sweep by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from polyv_sms import metrics
+from polyv_sms.ledger import Ledger
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger("polyv_sms.reconcile")
+
+#: ``enqueue(message_id, task_id, kwargs)`` publishes ``polyv_sms.send_sms`` again.
+Enqueue = Callable[[str, str, dict[str, Any]], None]
+
+
+class Reconciler:
+    """Finds overdue messages in the ledger and enqueues them again.
+
+    Args:
+        ledger: the account's ledger.
+        enqueue: publishes the task.
+        interval_s: seconds between sweeps (the lock lives this long).
+        batch: messages handled per sweep at most.
+    """
+
+    def __init__(
+        self, ledger: Ledger, enqueue: Enqueue, *, interval_s: float, batch: int = 100
+    ) -> None:
+        self.ledger = ledger
+        self.enqueue = enqueue
+        self.interval_s = interval_s
+        self.batch = batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self) -> list[str]:
+        """One pass: re-enqueue overdue messages.
+
+        Returns:
+            The message ids enqueued again.
+        """
+        ledger, keys = self.ledger, self.ledger.keys
+        client = ledger.redis
+        now = ledger.clock()
+        lock_ms = max(1000, int(self.interval_s * 1000))
+        if not ledger.call(client.set, keys.reconcile_lock, uuid.uuid4().hex, nx=True, px=lock_ms):
+            return []
+        due = ledger.call(
+            client.zrange,
+            keys.pending,
+            "-inf",
+            int(now * 1000),
+            byscore=True,
+            offset=0,
+            num=self.batch,
+        )
+        enqueued = []
+        for message_id in due:
+            key = keys.message(str(message_id))
+            meta, pending, lease_until = ledger.call(
+                client.hmget, key, ["meta", "pending", "lease_until"]
+            )
+            if not meta or not int(pending or 0):
+                ledger.call(client.zrem, keys.pending, message_id)
+                continue
+            later_ms = int((now + ledger.lease_s + ledger.reconcile_grace_s) * 1000)
+            if lease_until and int(lease_until) > now * 1000:
+                ledger.call(client.zadd, keys.pending, {message_id: later_ms}, xx=True)
+                continue
+            request = json.loads(meta)
+            kwargs = {
+                "phone_numbers": request["phone_numbers"],
+                "template_param_names": request["template_param_names"],
+                "template_param_values": request["template_param_values"],
+                "message_id": str(message_id),
+            }
+            self.enqueue(str(message_id), str(request["task_id"]), kwargs)
+            ledger.call(client.zadd, keys.pending, {message_id: later_ms}, xx=True)
+            metrics.RECONCILED.inc()
+            log.warning(
+                "message %s: its retry never ran; enqueued again (task %s)",
+                message_id,
+                request["task_id"],
+            )
+            enqueued.append(str(message_id))
+        return enqueued
+
+    def start(self) -> None:
+        """Sweep every ``interval_s`` in a daemon thread until :meth:`stop`."""
+        if self._thread is not None or self.interval_s <= 0:
+            return
+        self._thread = threading.Thread(target=self._loop, name="polyv-sms-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (returns at once; the thread ends after its current sweep)."""
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("reconciler sweep failed; trying again in %.0fs", self.interval_s)

@@ -1,0 +1,120 @@
+"""The worker's long-lived objects (Redis client, ledger, Polyv client, dispatcher), built once
+per process from :class:`~polyv_sms.config.Settings` on first use.
+
+Tests replace them with :func:`set_runtime` (an injected clock, say) before a worker runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from polyv_sms.client import PolyvClient
+from polyv_sms.config import Settings
+from polyv_sms.dispatch import Dispatcher
+from polyv_sms.ledger import Ledger, connect_redis
+
+__all__ = ["Runtime", "build_runtime", "get_runtime", "set_runtime"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a worker process needs to send."""
+
+    settings: Settings
+    redis: redis.Redis
+    ledger: Ledger
+    client: PolyvClient
+    dispatcher: Dispatcher
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.client.close()
+        self.redis.close()
+
+
+def build_ledger(
+    settings: Settings, client: redis.Redis, *, clock: Callable[[], float] = time.time
+) -> Ledger:
+    """The ledger of the configured account (no credentials needed: only the appId)."""
+    if not settings.app_id:
+        settings.require_credentials()
+    assert settings.app_id is not None
+    return Ledger(
+        client,
+        settings.app_id,
+        phone_daily_limit=settings.phone_daily_limit,
+        account_daily_limit=settings.account_daily_limit,
+        max_attempts=settings.max_attempts,
+        receipt_ttl_days=settings.receipt_ttl_days,
+        timezone=settings.timezone,
+        lease_s=settings.lease_s,
+        reconcile_grace_s=settings.reconcile_grace_s,
+        outage_s=settings.redis_outage_s,
+        clock=clock,
+    )
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+) -> Runtime:
+    """Build the runtime for ``settings``.
+
+    Raises:
+        ConfigError: the credentials are missing.
+    """
+    app_id, secret = settings.require_credentials()
+    client = connect_redis(settings.redis_url)
+    ledger = build_ledger(settings, client, clock=clock)
+    polyv = PolyvClient(
+        app_id,
+        secret,
+        settings.api_base,
+        settings.http_timeout_s,
+        clock=clock,
+        pool_maxsize=max(10, settings.worker_concurrency),
+    )
+    dispatcher = Dispatcher(
+        ledger,
+        polyv,
+        max_attempts=settings.max_attempts,
+        retry_backoff_s=settings.retry_backoff_s,
+        retry_backoff_max_s=settings.retry_backoff_max_s,
+        retry_ambiguous=settings.retry_ambiguous,
+        rng=rng,
+        clock=clock,
+    )
+    return Runtime(settings, client, ledger, polyv, dispatcher)
+
+
+_lock = threading.Lock()
+_current: tuple[int, Runtime] | None = None
+
+
+def get_runtime() -> Runtime:
+    """The runtime of this process, built from the environment on first use (and again
+    after a fork: connections are not shared across processes)."""
+    global _current  # noqa: PLW0603 - one runtime per process, by design
+    current = _current
+    if current is not None and current[0] == os.getpid():
+        return current[1]
+    with _lock:
+        if _current is None or _current[0] != os.getpid():
+            _current = (os.getpid(), build_runtime(Settings.from_env()))
+        return _current[1]
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Replace this process's runtime (``None``: build from the environment on next use)."""
+    global _current  # noqa: PLW0603
+    with _lock:
+        _current = None if runtime is None else (os.getpid(), runtime)

@@ -1,0 +1,153 @@
+"""The ``polyv_sms.send_sms`` task. Thin: validation, the dispatcher and Celery's retry.
+
+Producers call ``send_sms.delay(...)``: the request is validated before anything is
+published, so a bad request raises :class:`~polyv_sms.errors.InvalidRequest` in the caller and
+nothing is enqueued. Producers that enqueue by name (``send_task``) are validated again in the
+worker: the task fails at once, nothing is sent and no retry follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+
+from polyv_sms import metrics
+from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
+from polyv_sms.errors import InvalidRequest, LedgerUnavailable
+from polyv_sms.phones import mask
+from polyv_sms.runtime import get_runtime
+from polyv_sms.validation import validate_request
+from polyv_sms.worker import QUEUE, TASK_NAME, app
+
+__all__ = ["SendSmsTask", "enqueue_again", "send_sms"]
+
+log = logging.getLogger("polyv_sms.tasks")
+
+_SHOWN_NUMBERS = 10
+
+
+def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
+    """What Celery logs and Flower shows of a task's arguments: numbers masked, values hidden."""
+    numbers = [mask(str(n)) for n in kwargs["phone_numbers"][:_SHOWN_NUMBERS]]
+    extra = len(kwargs["phone_numbers"]) - _SHOWN_NUMBERS
+    if extra > 0:
+        numbers.append(f"...+{extra}")
+    shown = {
+        "phone_numbers": numbers,
+        "template_param_names": kwargs["template_param_names"],
+        "template_param_values": ["***"] * len(kwargs["template_param_values"]),
+        "message_id": kwargs["message_id"],
+    }
+    return repr(shown)
+
+
+class SendSmsTask(Task):  # type: ignore[misc]
+    """Validates a request in the producer before it is published."""
+
+    def apply_async(  # noqa: PLR0917 - Celery's signature
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Validate and normalise the arguments, then publish (see :meth:`celery.Task.apply_async`).
+
+        Raises:
+            InvalidRequest: the request is malformed; nothing was published.
+        """
+        limit = self.app.conf.get("polyv_sms_account_daily_limit") or DEFAULT_ACCOUNT_DAILY_LIMIT
+        request = validate_request(args, kwargs, account_daily_limit=limit)
+        checked = request.as_kwargs()
+        options.setdefault("argsrepr", "()")
+        options.setdefault("kwargsrepr", masked_kwargs_repr(checked))
+        return super().apply_async(
+            (), checked, task_id, producer, link, link_error, shadow, **options
+        )
+
+
+def _retry_cap(settings: Settings) -> int:
+    """Task retries after which the pending numbers are given up (a safety net: attempts are
+    bounded by the ledger, waits for another run's lease by that run's progress)."""
+    return 4 * settings.max_attempts + 20
+
+
+@app.task(
+    bind=True,
+    base=SendSmsTask,
+    name=TASK_NAME,
+    queue=QUEUE,
+    max_retries=None,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(InvalidRequest,),
+)
+def send_sms(
+    self: SendSmsTask,
+    phone_numbers: list[str] | None = None,
+    template_param_names: list[str] | None = None,
+    template_param_values: list[str] | None = None,
+    message_id: str | None = None,
+) -> dict[str, Any]:
+    """Send one SMS notification to up to ``SMS_ACCOUNT_DAILY_LIMIT`` numbers.
+
+    Args:
+        phone_numbers: mobile numbers (strings or ints); duplicates are sent once.
+        template_param_names: the Aliyun template's parameter names.
+        template_param_values: one value per name.
+        message_id: idempotency key; the task id when omitted. Enqueueing the same id again
+            sends nothing that was accepted and reports the stored outcomes.
+
+    Returns:
+        ``{"message_id", "results": [per number], "counts": {outcome: n}}``.
+    """
+    runtime = get_runtime()
+    settings = runtime.settings
+    kwargs = {
+        "phone_numbers": phone_numbers,
+        "template_param_names": template_param_names,
+        "template_param_values": template_param_values,
+        "message_id": message_id,
+    }
+    request = validate_request((), kwargs, account_daily_limit=settings.account_daily_limit)
+    task_id = str(self.request.id)
+    key = request.message_id or task_id
+    retries = int(self.request.retries or 0)
+    give_up = None
+    if retries >= _retry_cap(settings):
+        give_up = f"gave up after {retries} task retries"
+    try:
+        outcome = runtime.dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
+    except LedgerUnavailable as exc:
+        countdown = runtime.dispatcher.backoff(retries + 1)
+        log.warning("message %s: %s; retrying in %.1fs", key, exc, countdown)
+        outcome_reason = "ledger"
+    else:
+        if outcome.result is not None:
+            return outcome.result
+        assert outcome.retry_in is not None
+        countdown = outcome.retry_in
+        outcome_reason = outcome.reason
+    metrics.TASK_RETRIES.labels(outcome_reason).inc()
+    try:
+        raise self.retry(countdown=countdown)
+    except Reject:
+        metrics.TASK_RETRIES.labels("publish_failed").inc()
+        log.error(
+            "message %s: the retry could not be published (broker unreachable); the "
+            "reconciler will enqueue it again once it is overdue",
+            key,
+        )
+        raise
+
+
+def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:
+    """Publish a message again under its original task id (used by the reconciler)."""
+    send_sms.apply_async(kwargs=kwargs, task_id=task_id)

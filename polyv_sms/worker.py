@@ -1,0 +1,122 @@
+"""The Celery app of polyv-sms: ``celery -A polyv_sms.worker worker -Q sms``.
+
+Importing this module connects to nothing and reads no environment variable: the
+configuration is built from :meth:`Settings.from_env` the first time Celery needs it, so an
+application that only enqueues needs neither credentials nor a reachable broker at import.
+A worker refuses to start without ``POLYV_APP_ID``/``POLYV_APP_SECRET``.
+
+The settings and why (see docs/design.md):
+
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a killed worker's task is delivered
+  again; the ledger makes that safe.
+- ``worker_prefetch_multiplier=1``: a worker does not hoard messages other workers could run.
+- JSON only: no pickle from the broker.
+- ``visibility_timeout`` on broker *and* result backend transport options; retry countdowns
+  (``SMS_RETRY_BACKOFF_MAX``) are checked to stay below a third of it.
+- ``task_time_limit`` above the worst HTTP time of a message; ``worker_soft_shutdown_timeout``
+  lets a cold shutdown finish an in-flight Polyv request.
+- ``broker_connection_retry_on_startup``, ``result_backend_always_retry`` and a longer publish
+  retry policy ride out a broker restart.
+- the threads pool: the work is waiting on HTTP and Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from polyv_sms.config import Settings
+from polyv_sms.errors import ConfigError
+
+__all__ = ["QUEUE", "TASK_NAME", "app", "celery_config"]
+
+log = logging.getLogger("polyv_sms.worker")
+
+QUEUE = "sms"
+TASK_NAME = "polyv_sms.send_sms"
+#: Publishing (a task or a retry) keeps trying this long while the broker restarts (~20 s).
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 10,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 3.0,
+}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings``."""
+    visibility = {"visibility_timeout": int(settings.visibility_timeout_s)}
+    broker_options: dict[str, Any] = dict(visibility)
+    if settings.broker_url.startswith(("redis", "rediss", "sentinel")):
+        # Sweep for messages of dead workers often enough to honour a short visibility timeout.
+        sweep = max(1, min(10, int(settings.visibility_timeout_s // 10)))
+        broker_options |= {"unacked_restore_interval": sweep, "unacked_restore_throttle": 1}
+    time_limit = settings.task_time_limit_s
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": QUEUE,
+        "task_routes": {TASK_NAME: {"queue": QUEUE}},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": broker_options,
+        "result_backend_transport_options": dict(visibility),
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": time_limit - 5,
+        "worker_soft_shutdown_timeout": 2 * settings.http_timeout_s + 5,
+        "broker_connection_retry_on_startup": True,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_hijack_root_logger": True,
+        "polyv_sms_account_daily_limit": settings.account_daily_limit,
+    }
+
+
+app = Celery("polyv_sms", include=["polyv_sms.tasks"])
+app.add_defaults(lambda: celery_config(Settings.from_env()))
+
+
+@signals.worker_init.connect
+def _refuse_without_credentials(**_: Any) -> None:
+    try:
+        Settings.from_env().require_credentials()
+    except ConfigError as exc:
+        sys.stderr.write(f"polyv-sms worker: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(78) from None  # EX_CONFIG
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _redact_logs(logger: logging.Logger, **_: Any) -> None:
+    from polyv_sms import logs  # noqa: PLC0415 - only workers need it
+
+    secret = Settings.from_env().app_secret
+    logs.install(logger, (secret.reveal(),) if secret else ())
+
+
+@signals.worker_ready.connect
+def _start_background(**_: Any) -> None:
+    from polyv_sms import background  # noqa: PLC0415 - only workers need it
+
+    background.start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_background(**_: Any) -> None:
+    from polyv_sms import background  # noqa: PLC0415
+
+    background.stop()

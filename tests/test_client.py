@@ -1,0 +1,250 @@
+"""PolyvClient over real HTTP: against the simulator, and against canned answers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import CannedServer, free_port
+
+from polyv_sms.client import PolyvClient
+from polyv_sms.errors import (
+    AmbiguousSend,
+    BatchTooLarge,
+    PermanentError,
+    PolyvUnavailable,
+    RateLimited,
+    TransientError,
+    UnexpectedResponse,
+)
+from polyv_sms.signing import sign
+from polyv_sms.simulator import PolyvSimulator
+
+NUMBER = "17680476163"
+
+
+@pytest.fixture
+def client(sim: PolyvSimulator, account: tuple[str, str]) -> Iterator[PolyvClient]:
+    app_id, secret = account
+    with PolyvClient(app_id, secret, sim.url, timeout=2.0) as polyv:
+        yield polyv
+
+
+def test_happy_path(client: PolyvClient, sim: PolyvSimulator, account: tuple[str, str]) -> None:
+    response = client.send([NUMBER, "13800138000"], ["code"], ["9802"])
+    assert [r.phone_number for r in response.results] == [NUMBER, "13800138000"]
+    assert [r.status for r in response.results] == [12, 12]
+    assert all(r.serial_no and r.serial_no.endswith("^0") for r in response.results)
+    assert response.request_id
+    [request] = sim.requests()
+    assert request["numbers"] == [NUMBER, "13800138000"]
+    assert request["template_param_names"] == ["code"]
+    assert request["template_param_values"] == ["9802"]
+    assert request["app_id"] == account[0]
+
+
+def test_sign_is_polyvs_over_appid_and_fresh_timestamp(account: tuple[str, str]) -> None:
+    app_id, secret = account
+    body = json.dumps(
+        {"code": 200, "status": "success", "success": True, "requestId": "r", "data": []}
+    ).encode()
+    now = [1_700_000_000.0]
+    with (
+        CannedServer(200, body) as server,
+        PolyvClient(app_id, secret, server.url, clock=lambda: now[0]) as polyv,
+    ):
+        polyv.send([NUMBER], ["code"], ["1"])
+        now[0] += 600
+        polyv.send([NUMBER], ["code"], ["1"])
+    queries = []
+    for request in server.requests:
+        assert str(request["path"]).startswith("/live/v4/user/sms/send?")
+        assert request["headers"]["Content-Type"] == "application/json"
+        query = dict(p.split("=", 1) for p in str(request["path"]).split("?", 1)[1].split("&"))
+        expected = sign({"appId": app_id, "timestamp": query["timestamp"]}, secret)
+        assert query["sign"] == expected
+        assert query["appId"] == app_id
+        assert secret not in str(request["path"])
+        assert secret.encode() not in request["body"]  # type: ignore[operator]
+        queries.append(query)
+    assert [q["timestamp"] for q in queries] == ["1700000000000", "1700000600000"]
+    assert json.loads(server.requests[0]["body"]) == {  # type: ignore[arg-type]
+        "phoneNumbers": [NUMBER],
+        "templateParamNames": ["code"],
+        "templateParamValues": ["1"],
+    }
+
+
+def test_each_per_number_status_is_parsed(account: tuple[str, str]) -> None:
+    app_id, secret = account
+    with (
+        PolyvSimulator(app_id, secret, phone_daily_limit=1) as sim,
+        PolyvClient(app_id, secret, sim.url) as polyv,
+    ):
+        sim.set_faults(fail_numbers={"13900000011": 1})
+        polyv.send(["13900000001"], ["c"], ["1"])
+        response = polyv.send(
+            ["13900000001", "1768909", "13900000011", "13900000012"], ["c"], ["1"]
+        )
+    statuses = {r.phone_number: (r.status, r.serial_no is not None) for r in response.results}
+    assert statuses == {
+        "13900000001": (-1, False),
+        "1768909": (-2, False),
+        "13900000011": (11, False),
+        "13900000012": (12, True),
+    }
+
+
+def test_bad_sign_is_permanent_with_polyvs_desc_and_no_secret(
+    sim: PolyvSimulator, account: tuple[str, str]
+) -> None:
+    app_id, _ = account
+    wrong = "wrong-secret-value-123"
+    with PolyvClient(app_id, wrong, sim.url) as polyv, pytest.raises(PermanentError) as caught:
+        polyv.send([NUMBER], ["code"], ["1"])
+    error = caught.value
+    assert error.code == 20002
+    assert "invalid signature" in error.desc
+    assert error.request_id
+    for text in (str(error), repr(error), repr(error.args), repr(polyv)):
+        assert wrong not in text
+        assert account[1] not in text
+
+
+def test_unknown_app_is_permanent(sim: PolyvSimulator) -> None:
+    with PolyvClient("nosuchapp", "s", sim.url) as polyv, pytest.raises(PermanentError) as caught:
+        polyv.send([NUMBER], ["code"], ["1"])
+    assert caught.value.code == 20001
+    assert caught.value.desc == "application not found."
+
+
+def test_http_500_is_transient(client: PolyvClient, sim: PolyvSimulator) -> None:
+    sim.set_faults(http500_rate=1.0)
+    with pytest.raises(PolyvUnavailable, match="500"):
+        client.send([NUMBER], ["code"], ["1"])
+
+
+def test_slow_server_is_an_ambiguous_transient_error_within_the_timeout(
+    sim: PolyvSimulator, account: tuple[str, str]
+) -> None:
+    sim.set_faults(latency_s=1.5)
+    with PolyvClient(account[0], account[1], sim.url, timeout=0.3) as polyv:
+        started = time.monotonic()
+        with pytest.raises(AmbiguousSend) as caught:
+            polyv.send([NUMBER], ["code"], ["1"])
+        assert time.monotonic() - started < 1.0
+    assert isinstance(caught.value, TransientError)
+    assert len(sim.requests()) == 1  # not retried in place: Polyv may have sent it
+
+
+def test_non_json_body_is_transient(client: PolyvClient, sim: PolyvSimulator) -> None:
+    sim.set_faults(garbage_rate=1.0)
+    with pytest.raises(UnexpectedResponse, match="not a JSON object"):
+        client.send([NUMBER], ["code"], ["1"])
+
+
+def test_dropped_connection_is_ambiguous(client: PolyvClient, sim: PolyvSimulator) -> None:
+    sim.set_faults(drop_rate=1.0)
+    with pytest.raises(AmbiguousSend):
+        client.send([NUMBER], ["code"], ["1"])
+
+
+def test_rate_limiting_is_transient(client: PolyvClient, sim: PolyvSimulator) -> None:
+    sim.set_faults(rate_limit_rate=1.0)
+    with pytest.raises(RateLimited, match="qps"):
+        client.send([NUMBER], ["code"], ["1"])
+
+
+def test_201_numbers_refused_before_any_request(client: PolyvClient, sim: PolyvSimulator) -> None:
+    numbers = [f"138{i:08d}" for i in range(201)]
+    with pytest.raises(BatchTooLarge, match="201"):
+        client.send(numbers, ["code"], ["1"])
+    assert sim.requests() == []
+    assert len(client.send(numbers[:200], ["code"], ["1"]).results) == 200
+
+
+def test_connect_errors_are_retried_in_place_then_transient() -> None:
+    port = free_port()
+    with PolyvClient("a", "s", f"http://127.0.0.1:{port}", timeout=1.0) as polyv:
+        started = time.monotonic()
+        with pytest.raises(PolyvUnavailable, match="could not connect"):
+            polyv.send([NUMBER], ["code"], ["1"])
+        assert time.monotonic() - started < 3.0
+
+
+def test_connect_retry_reaches_a_server_that_comes_up(account: tuple[str, str]) -> None:
+    port = free_port()
+    sim = PolyvSimulator(account[0], account[1], port=port)
+    timer = threading.Timer(0.2, sim.start)
+    timer.start()
+    try:
+        with PolyvClient(account[0], account[1], f"http://127.0.0.1:{port}") as polyv:
+            response = polyv.send([NUMBER], ["code"], ["1"])
+        assert response.results[0].status == 12
+    finally:
+        timer.join()
+        sim.stop()
+
+
+@pytest.mark.parametrize(("skew_s", "ok"), [(-120, True), (120, True), (-240, False)])
+def test_clock_skew_within_the_3_minute_window_still_signs_valid_requests(
+    sim: PolyvSimulator, account: tuple[str, str], skew_s: float, ok: bool
+) -> None:
+    with PolyvClient(account[0], account[1], sim.url, clock=lambda: time.time() + skew_s) as polyv:
+        if ok:
+            assert polyv.send([NUMBER], ["code"], ["1"]).results[0].status == 12
+        else:
+            with pytest.raises(PermanentError) as caught:
+                polyv.send([NUMBER], ["code"], ["1"])
+            assert caught.value.code == 20003
+
+
+def test_unknown_status_is_an_error_that_keeps_the_parsed_answer() -> None:
+    body = json.dumps(
+        {
+            "code": 200,
+            "status": "success",
+            "success": True,
+            "requestId": "r1",
+            "data": [
+                {"phoneNumber": NUMBER, "status": 13, "serialNo": None},
+                {"phoneNumber": "13800138000", "status": 12, "serialNo": "1^0"},
+            ],
+        }
+    ).encode()
+    with CannedServer(200, body) as server, PolyvClient("a", "s", server.url) as polyv:
+        with pytest.raises(UnexpectedResponse, match=r"unknown per-number status") as caught:
+            polyv.send([NUMBER, "13800138000"], ["code"], ["1"])
+    assert caught.value.response is not None
+    assert [r.status for r in caught.value.response.results] == [13, 12]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code": 200, "status": "success", "success": true, "requestId": "r"}',
+        b'{"code": 200, "success": true, "data": [{"phoneNumber": "1", "status": "12"}]}',
+        b'{"code": 200, "success": true, "data": ["x"]}',
+        b"[1, 2]",
+    ],
+)
+def test_malformed_answers_are_transient_errors(body: bytes) -> None:
+    with CannedServer(200, body) as server, PolyvClient("a", "s", server.url) as polyv:
+        with pytest.raises(UnexpectedResponse):
+            polyv.send([NUMBER], ["code"], ["1"])
+
+
+def test_old_style_error_envelope_with_message_is_permanent() -> None:
+    body = b'{"code": 403, "status": "error", "message": "invalid signature.", "data": ""}'
+    with CannedServer(403, body) as server, PolyvClient("a", "s", server.url) as polyv:
+        with pytest.raises(PermanentError, match="invalid signature"):
+            polyv.send([NUMBER], ["code"], ["1"])
+
+
+def test_tls_verification_is_on_by_default() -> None:
+    with PolyvClient("a", "s") as polyv:
+        assert polyv.url == "https://api.polyv.net/live/v4/user/sms/send"
+        assert polyv._session.verify is True

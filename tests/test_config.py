@@ -1,0 +1,113 @@
+"""Settings from the environment: defaults, fractions, errors that name the variable."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from polyv_sms.backoff import backoff_delay
+from polyv_sms.config import Secret, Settings
+from polyv_sms.errors import ConfigError
+
+
+def test_defaults_follow_the_design() -> None:
+    settings = Settings.from_env({})
+    assert settings.api_base == "https://api.polyv.net"
+    assert settings.http_timeout_s == 10
+    assert settings.broker_url == "redis://localhost:6379/0"
+    assert settings.result_backend == settings.broker_url
+    assert settings.redis_url == settings.broker_url
+    assert settings.phone_daily_limit == 10
+    assert settings.account_daily_limit == 2000
+    assert settings.timezone == "Asia/Shanghai"
+    assert settings.max_attempts == 5
+    assert settings.retry_backoff_s == 2
+    assert settings.retry_backoff_max_s == 600
+    assert settings.receipt_ttl_days == 30
+    assert settings.visibility_timeout_s == 3600
+    assert settings.app_id is None
+    assert settings.app_secret is None
+
+
+def test_every_variable_is_read() -> None:
+    env = {
+        "POLYV_APP_ID": "abc",
+        "POLYV_APP_SECRET": "topsecret",
+        "POLYV_API_BASE": "http://127.0.0.1:8080/",
+        "POLYV_HTTP_TIMEOUT": "2.5",
+        "SMS_BROKER_URL": "amqp://guest:guest@localhost:5672//",
+        "SMS_RESULT_BACKEND": "redis://localhost:6379/1",
+        "SMS_REDIS_URL": "redis://localhost:6379/2",
+        "SMS_PHONE_DAILY_LIMIT": "3",
+        "SMS_ACCOUNT_DAILY_LIMIT": "150",
+        "SMS_TIMEZONE": "Europe/Berlin",
+        "SMS_MAX_ATTEMPTS": "7",
+        "SMS_RETRY_BACKOFF": "0.2",
+        "SMS_RETRY_BACKOFF_MAX": "1.5",
+        "SMS_RECEIPT_TTL_DAYS": "3",
+        "SMS_VISIBILITY_TIMEOUT": "60",
+    }
+    s = Settings.from_env(env)
+    assert (s.app_id, s.api_base, s.http_timeout_s) == ("abc", "http://127.0.0.1:8080", 2.5)
+    assert s.require_credentials() == ("abc", Secret("topsecret"))
+    assert s.broker_url.startswith("amqp://")
+    assert (s.result_backend, s.redis_url) == (env["SMS_RESULT_BACKEND"], env["SMS_REDIS_URL"])
+    assert (s.phone_daily_limit, s.account_daily_limit, s.max_attempts) == (3, 150, 7)
+    assert (s.retry_backoff_s, s.retry_backoff_max_s) == (0.2, 1.5)
+    assert (s.timezone, s.receipt_ttl_days, s.visibility_timeout_s) == ("Europe/Berlin", 3, 60)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"POLYV_HTTP_TIMEOUT": "ten"}, "POLYV_HTTP_TIMEOUT"),
+        ({"POLYV_HTTP_TIMEOUT": "0"}, "POLYV_HTTP_TIMEOUT"),
+        ({"SMS_PHONE_DAILY_LIMIT": "2.5"}, "SMS_PHONE_DAILY_LIMIT"),
+        ({"SMS_ACCOUNT_DAILY_LIMIT": "-1"}, "SMS_ACCOUNT_DAILY_LIMIT"),
+        ({"SMS_MAX_ATTEMPTS": "0"}, "SMS_MAX_ATTEMPTS"),
+        ({"SMS_RETRY_BACKOFF": "nan"}, "SMS_RETRY_BACKOFF"),
+        ({"SMS_TIMEZONE": "Mars/Olympus"}, "SMS_TIMEZONE"),
+        ({"SMS_BROKER_URL": "ftp://x"}, "SMS_BROKER_URL"),
+        ({"POLYV_API_BASE": "api.polyv.net"}, "POLYV_API_BASE"),
+        ({"SMS_RETRY_BACKOFF_MAX": "1300"}, "SMS_RETRY_BACKOFF_MAX"),
+        ({"SMS_VISIBILITY_TIMEOUT": "100"}, "SMS_VISIBILITY_TIMEOUT"),
+        ({"SMS_BROKER_URL": "amqp://localhost//"}, "SMS_REDIS_URL"),
+        ({"SMS_RETRY_AMBIGUOUS": "maybe"}, "SMS_RETRY_AMBIGUOUS"),
+    ],
+)
+def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)
+
+
+def test_missing_credentials_name_both_variables() -> None:
+    with pytest.raises(ConfigError, match="POLYV_APP_ID and POLYV_APP_SECRET"):
+        Settings.from_env({}).require_credentials()
+    with pytest.raises(ConfigError, match="POLYV_APP_SECRET") as caught:
+        Settings.from_env({"POLYV_APP_ID": "a"}).require_credentials()
+    assert "POLYV_APP_ID" not in str(caught.value)
+
+
+def test_secret_never_shows() -> None:
+    settings = Settings.from_env({"POLYV_APP_ID": "a", "POLYV_APP_SECRET": "hunter2-secret"})
+    for text in (
+        repr(settings),
+        str(settings),
+        repr(settings.app_secret),
+        str(settings.describe()),
+    ):
+        assert "hunter2-secret" not in text
+    assert settings.app_secret is not None
+    assert settings.app_secret.reveal() == "hunter2-secret"
+
+
+def test_backoff_doubles_with_jitter_and_caps() -> None:
+    rng = random.Random(7)
+    delays = [backoff_delay(n, 2.0, 600.0, rng) for n in range(1, 12)]
+    for attempt, delay in enumerate(delays, start=1):
+        nominal = min(600.0, 2.0 * 2 ** (attempt - 1))
+        assert nominal * 0.8 <= delay <= min(600.0, nominal * 1.2)
+    assert delays[-1] <= 600.0
+    assert len({round(d, 6) for d in delays[:5]}) == 5
+    assert backoff_delay(1, 0.2, 5.0, random.Random(1)) <= 0.24
