@@ -77,12 +77,15 @@ class Faults:
     ``drop``, ``http500``, ``garbage`` and ``rate_limit`` are decided by one draw per request,
     in that order (their shares add up; past 1 the earlier win); such a request is not
     processed. ``fail_numbers`` maps a number to how many times it is answered 11 before the
-    checks let it through; ``status11_rate`` draws 11 per valid number. ``latency_s`` delays
-    every send answer after processing, and ``slow_rate`` of them by ``slow_latency_s`` more.
+    checks let it through; ``status11_rate`` draws 11 per valid number; ``invalid_numbers``
+    are answered -2 although they look valid (Polyv knows numbers we cannot check).
+    ``latency_s`` delays every send answer after processing, and ``slow_rate`` of them by
+    ``slow_latency_s`` more.
     """
 
     status11_rate: float = 0.0
     fail_numbers: dict[str, int] = field(default_factory=dict)
+    invalid_numbers: list[str] = field(default_factory=list)
     http500_rate: float = 0.0
     latency_s: float = 0.0
     slow_rate: float = 0.0
@@ -103,6 +106,11 @@ class Faults:
         ):
             raise ValueError("fail_numbers must map phone numbers (strings) to counts >= 0")
         self.fail_numbers = dict(counts)
+        if not isinstance(self.invalid_numbers, list | tuple | set) or not all(
+            isinstance(n, str) for n in self.invalid_numbers
+        ):
+            raise ValueError("invalid_numbers must be a list of phone numbers (strings)")
+        self.invalid_numbers = list(self.invalid_numbers)
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
 
@@ -494,9 +502,10 @@ class PolyvSimulator:
             tally.day, tally.today = day, Counter()
         today, phone_limit, account_limit = tally.today, self._phone_limit, self._account_limit
         status11_rate, results = self._faults.status11_rate, []
+        invalid = self._faults.invalid_numbers
         for item in items:
             number, serial_no = _as_text(item), None
-            if not _PHONE.fullmatch(number):  # also JSON floats, booleans, null, objects
+            if not _PHONE.fullmatch(number) or number in invalid:  # also floats, null, objects
                 status = -2
             elif today[number] >= phone_limit or today[None] >= account_limit:
                 status = -1

@@ -1,0 +1,239 @@
+"""The dispatcher without Celery: a real redis-server, the simulator over HTTP, an injected
+clock. Covers what is awkward through a worker: midnight, give-up, aborts across chunks,
+answers we cannot interpret, and the reconciler."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis
+from helpers import CannedServer
+
+from polyv_sms.client import PolyvClient
+from polyv_sms.dispatch import Dispatcher
+from polyv_sms.ledger import Ledger
+from polyv_sms.reconcile import Reconciler
+from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.validation import validate_request
+
+TZ = ZoneInfo("Asia/Shanghai")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime.now(TZ).timestamp())
+
+
+@pytest.fixture
+def client(redis_server) -> Iterator[redis.Redis]:
+    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
+    yield real
+    real.close()
+
+
+def make(
+    client: redis.Redis, account: tuple[str, str], url: str, clock: Clock, **options: Any
+) -> Dispatcher:
+    limits = {"phone_daily_limit": 10, "account_daily_limit": 2000}
+    limits |= {k: options.pop(k) for k in list(options) if k in limits}
+    ledger = Ledger(
+        client,
+        account[0],
+        max_attempts=options.get("max_attempts", 3),
+        receipt_ttl_days=30,
+        timezone="Asia/Shanghai",
+        lease_s=30.0,
+        reconcile_grace_s=60.0,
+        clock=clock,
+        **limits,
+    )
+    polyv = PolyvClient(account[0], account[1], url, timeout=1.0, clock=clock)
+    return Dispatcher(
+        ledger,
+        polyv,
+        max_attempts=options.pop("max_attempts", 3),
+        retry_backoff_s=1.0,
+        retry_backoff_max_s=10.0,
+        rng=random.Random(1),
+        clock=clock,
+        **options,
+    )
+
+
+def request(numbers: list[Any], message_id: str | None = None):
+    return validate_request(
+        (),
+        {
+            "phone_numbers": numbers,
+            "template_param_names": ["code"],
+            "template_param_values": ["1"],
+            "message_id": message_id,
+        },
+        account_daily_limit=2000,
+    )
+
+
+def quota(ledger: Ledger, day: str) -> dict[str, int]:
+    return {k: int(v) for k, v in ledger.redis.hgetall(ledger.keys.quota(day)).items()}
+
+
+def run_until_done(
+    dispatcher: Dispatcher, req, message_id: str, clock: Clock, limit: int = 20
+) -> dict[str, Any]:
+    for _ in range(limit):
+        outcome = dispatcher.run(req, message_id=message_id, task_id="task-1")
+        if outcome.result is not None:
+            return outcome.result
+        assert outcome.retry_in is not None
+        clock.now += outcome.retry_in
+    raise AssertionError("the message never finished")
+
+
+def test_message_straddling_midnight_counts_against_the_day_it_was_reserved(
+    client, account, clock
+) -> None:
+    now = datetime.now(TZ)
+    midnight = datetime(now.year, now.month, now.day, tzinfo=TZ) + timedelta(days=1)
+    clock.now = midnight.timestamp() - 0.5
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        sim.set_faults(fail_numbers={"13900000002": 1})
+        dispatcher = make(client, account, sim.url, clock)
+        ledger = dispatcher.ledger
+        before = ledger.day()
+        first = dispatcher.run(request(["13900000001", "13900000002"]), message_id="m", task_id="t")
+        assert first.result is None
+        assert first.retry_in is not None
+        clock.now = midnight.timestamp() + 0.5  # the retry runs after local midnight
+        after = ledger.day()
+        assert after != before
+        result = run_until_done(dispatcher, request(["13900000001", "13900000002"]), "m", clock)
+        assert result["counts"]["accepted"] == 2
+        # Both units belong to the day the message was reserved on, none to the new day.
+        assert quota(ledger, before) == {"13900000001": 1, "13900000002": 1, "_total": 2}
+        assert quota(ledger, after) == {}
+        # A new message after midnight counts against the new day, with a fresh limit.
+        run_until_done(dispatcher, request(["13900000002"]), "m2", clock)
+        assert quota(ledger, after) == {"13900000002": 1, "_total": 1}
+
+
+def test_counters_reset_exactly_at_local_midnight(client, account, clock) -> None:
+    now = datetime.now(TZ)
+    midnight = datetime(now.year, now.month, now.day, tzinfo=TZ) + timedelta(days=1)
+    clock.now = midnight.timestamp() - 0.001
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        dispatcher = make(client, account, sim.url, clock, phone_daily_limit=2)
+        outcomes = []
+        for i in range(3):
+            result = run_until_done(dispatcher, request(["13900000003"]), f"d{i}", clock)
+            outcomes.append(result["results"][0]["outcome"])
+        assert outcomes == ["accepted", "accepted", "quota_exceeded"]
+        clock.now = midnight.timestamp()  # exactly 00:00:00.000 local time
+        result = run_until_done(dispatcher, request(["13900000003"]), "d3", clock)
+        assert result["results"][0]["outcome"] == "accepted"
+
+
+def test_permanent_error_fails_every_pending_number_across_chunks(client, account, clock) -> None:
+    with PolyvSimulator(account[0], "another-secret", clock=clock) as sim:
+        dispatcher = make(client, account, sim.url, clock)
+        numbers = [f"139{i:08d}" for i in range(450)]
+        outcome = dispatcher.run(request(numbers), message_id="big", task_id="t")
+        assert outcome.result is not None
+        assert outcome.result["counts"]["failed"] == 450
+        assert len(sim.requests()) == 1  # the other chunks were not sent
+        assert quota(dispatcher.ledger, dispatcher.ledger.day())["_total"] == 0
+
+
+def test_unknown_status_ends_failed_and_keeps_the_unit(client, account, clock) -> None:
+    body = (
+        b'{"code":200,"status":"success","success":true,"requestId":"r","data":['
+        b'{"phoneNumber":"13900000004","status":99,"serialNo":null},'
+        b'{"phoneNumber":"13900000005","status":12,"serialNo":"5^0"}]}'
+    )
+    with CannedServer(200, body) as server:
+        dispatcher = make(client, account, server.url, clock)
+        result = run_until_done(dispatcher, request(["13900000004", "13900000005"]), "u", clock)
+    by = {r["phone_number"]: r for r in result["results"]}
+    assert by["13900000004"]["outcome"] == "failed"
+    assert "unknown status 99" in by["13900000004"]["error"]
+    assert by["13900000005"]["outcome"] == "accepted"
+    assert len(server.requests) == 1  # not retried: it may have been sent
+    assert quota(dispatcher.ledger, dispatcher.ledger.day())["_total"] == 2
+
+
+def test_number_missing_from_the_answer_is_retried(client, account, clock) -> None:
+    body = (
+        b'{"code":200,"status":"success","success":true,"requestId":"r","data":['
+        b'{"phoneNumber":"13900000006","status":12,"serialNo":"6^0"}]}'
+    )
+    with CannedServer(200, body) as server:
+        dispatcher = make(client, account, server.url, clock, max_attempts=2)
+        result = run_until_done(dispatcher, request(["13900000006", "13900000007"]), "x", clock)
+    by = {r["phone_number"]: r for r in result["results"]}
+    assert by["13900000007"]["outcome"] == "failed"
+    assert by["13900000007"]["attempts"] == 2
+    assert len(server.requests) == 2
+    assert b"13900000006" not in server.requests[1]["body"]
+
+
+def test_at_most_once_mode_does_not_retry_a_read_timeout(client, account, clock) -> None:
+    with PolyvSimulator(account[0], account[1]) as sim:
+        sim.set_faults(latency_s=1.5)
+        dispatcher = make(client, account, sim.url, clock, retry_ambiguous=False)
+        result = run_until_done(dispatcher, request(["13900000008"]), "amb", clock)
+    assert result["results"][0]["outcome"] == "failed"
+    assert "may have sent" in result["results"][0]["error"]
+    assert sim.received("13900000008") == 1
+    assert quota(dispatcher.ledger, dispatcher.ledger.day())["_total"] == 1  # unit kept
+
+
+def test_give_up_ends_pending_numbers_failed(client, account, clock) -> None:
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        sim.set_faults(fail_numbers={"13900000009": 1})
+        dispatcher = make(client, account, sim.url, clock, max_attempts=5)
+        req = request(["13900000009", "13900000010"])
+        first = dispatcher.run(req, message_id="g", task_id="t")
+        assert first.result is None
+        done = dispatcher.run(req, message_id="g", task_id="t", give_up="gave up after 99")
+    assert done.result is not None
+    by = {r["phone_number"]: r["outcome"] for r in done.result["results"]}
+    assert by == {"13900000009": "failed", "13900000010": "accepted"}
+    assert sim.received("13900000009") == 1
+
+
+def test_reconciler_re_enqueues_an_overdue_message_once(client, account, clock) -> None:
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        sim.set_faults(fail_numbers={"13900000011": 1})
+        dispatcher = make(client, account, sim.url, clock)
+        outcome = dispatcher.run(
+            request(["13900000011"], "rec"), message_id="rec", task_id="task-rec"
+        )
+        assert outcome.result is None
+    enqueued: list[tuple[str, str, dict[str, Any]]] = []
+    reconciler = Reconciler(dispatcher.ledger, lambda *a: enqueued.append(a), interval_s=5)
+    assert reconciler.sweep() == []  # the retry is not overdue yet
+    clock.now += 120
+    client.delete(dispatcher.ledger.keys.reconcile_lock)
+    assert reconciler.sweep() == ["rec"]
+    message_id, task_id, kwargs = enqueued[0]
+    assert (message_id, task_id) == ("rec", "task-rec")
+    assert kwargs["phone_numbers"] == ["13900000011"]
+    assert kwargs["message_id"] == "rec"
+    client.delete(dispatcher.ledger.keys.reconcile_lock)
+    assert reconciler.sweep() == []  # pushed back: not enqueued twice in a row
+    clock.now += 120  # overdue again, but another sweeper holds the lock
+    assert reconciler.sweep() == []
+    client.delete(dispatcher.ledger.keys.reconcile_lock)
+    assert reconciler.sweep() == ["rec"]
