@@ -28,7 +28,12 @@ def start() -> None:
     with _lock:
         if settings.metrics_port is not None:
             index = int(os.environ.get(WORKER_INDEX_ENV, "0") or 0)
-            metrics.serve(settings.metrics_port + index)
+            port = settings.metrics_port + index
+            try:
+                metrics.serve(port)
+            except OSError as exc:
+                # Sending matters more than metrics: keep the worker (and the reconciler) up.
+                log.error("metrics: cannot listen on port %d (%s); no metrics served", port, exc)
         if _reconciler is None and settings.reconcile_interval_s > 0:
             from polyv_sms.tasks import enqueue_again  # noqa: PLC0415 - avoids an import cycle
 

@@ -1,0 +1,132 @@
+"""Helpers of the ``polyv-sms`` command: its errors, the simulator, the supervisord launchers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "FAULT_RATES",
+    "RUN_DIR_ENV",
+    "CliError",
+    "CliUsageError",
+    "exec_supervisor",
+    "fault_rate_options",
+    "run_dir",
+    "serve_simulator",
+]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+RUN_DIR_ENV = "SMS_RUN_DIR"
+FAULT_RATES = ("status11", "http500", "drop", "garbage", "rate_limit", "slow")
+
+
+class CliError(click.ClickException):
+    """A failure, shown as ``polyv-sms: error: ...``; exit code 1."""
+
+    exit_code = EXIT_FAILURE
+
+    def show(self, file: Any = None) -> None:
+        """Write the message to stderr."""
+        click.echo(f"polyv-sms: error: {self.message}", err=True, file=file)
+
+
+class CliUsageError(CliError):
+    """Bad usage or configuration; exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def fault_rate_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--<fault>-rate`` options for the simulator's fault shares."""
+    for name in reversed(FAULT_RATES):
+        option = click.option(
+            f"--{name.replace('_', '-')}-rate",
+            f"{name}_rate",
+            type=click.FloatRange(0, 1),
+            default=0.0,
+            help="Share of answers with this fault (0 to 1).",
+        )
+        function = option(function)
+    return function
+
+
+def serve_simulator(options: dict[str, Any]) -> None:
+    """Run the simulator with the ``simulator`` command's options until SIGTERM or Ctrl-C."""
+    from polyv_sms.simulator import Faults, PolyvSimulator  # noqa: PLC0415
+
+    counts: dict[str, int] = {}
+    for item in options["fail_numbers"]:
+        number, _, count = item.partition("=")
+        if not count.isdigit():
+            raise click.BadParameter(f"{item!r} is not NUMBER=COUNT", param_hint="--fail-number")
+        counts[number] = int(count)
+    rates = {f"{name}_rate": options[f"{name}_rate"] for name in FAULT_RATES}
+    try:
+        faults = Faults(
+            fail_numbers=counts,
+            latency_s=options["latency"],
+            slow_latency_s=options["slow_latency"],
+            seed=options["seed"],
+            **rates,
+        )
+        sim = PolyvSimulator(
+            options["app_id"],
+            options["app_secret"],
+            host=options["host"],
+            port=options["port"],
+            phone_daily_limit=options["phone_daily_limit"],
+            account_daily_limit=options["account_daily_limit"],
+            timezone=options["timezone"],
+            faults=faults,
+        )
+    except ValueError as exc:
+        raise CliUsageError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    def stop(signum: int, _frame: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        sim.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("simulator stopped", err=True)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {options['host']}:{options['port']}: {exc}") from None
+
+
+def run_dir() -> Path:
+    """``SMS_RUN_DIR``, by default ``<temp dir>/polyv-sms-<uid>``; created (mode 0700)."""
+    raw = os.environ.get(RUN_DIR_ENV, "").strip()
+    path = Path(raw) if raw else Path(tempfile.gettempdir()) / f"polyv-sms-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def exec_supervisor(program: str, config: str, args: tuple[str, ...]) -> NoReturn:
+    """Replace this process with ``program -c config ARGS`` and ``SMS_RUN_DIR`` set."""
+    here = Path(sys.executable).parent
+    found = here / program if (here / program).exists() else shutil.which(program)
+    if not found:
+        raise CliUsageError(f"{program} not found: pip install supervisor")
+    if not Path(config).is_file():
+        raise CliUsageError(f"no {config}: run from the repository root or pass --config")
+    env = dict(os.environ)
+    env[RUN_DIR_ENV] = str(run_dir())
+    # The workers' command is `polyv-sms`: the one installed beside this Python.
+    env["PATH"] = os.pathsep.join([str(here), env.get("PATH", "")])
+    click.echo(f"{RUN_DIR_ENV}={env[RUN_DIR_ENV]}", err=True)
+    os.execve(str(found), [str(found), "-c", config, *args], env)  # noqa: S606 - no shell
