@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import redis
-import tenacity
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -55,6 +54,8 @@ DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 _T = TypeVar("_T")
 _REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+_OUTAGE_WAIT_FIRST_S = 0.05
+_OUTAGE_WAIT_MAX_S = 1.0
 
 
 def load_script(name: str) -> str:
@@ -165,19 +166,23 @@ class Settlement:
     error: str = ""
 
 
-def _states(fields: Sequence[Any], start: int) -> tuple[NumberState, ...]:
+def _states(numbers: Iterable[str], records: Sequence[Any]) -> tuple[NumberState, ...]:
+    """Parse the scripts' reply: one ``state|day|attempts|status|serial|updated|error`` string
+    per number, in the order asked (redis-py parses each value of a reply on its own: one
+    string per number instead of seven fields makes a 200-number reply 200 values, not 1400).
+    """
     out = []
-    for i in range(start, len(fields), 7):
-        number, state, day, attempts, status, serial, error = fields[i : i + 7]
+    for number, record in zip(numbers, records, strict=True):
+        state, day, attempts, status, serial, _updated, error = str(record).split("|", 6)
         out.append(
             NumberState(
-                number=str(number),
-                state=str(state),
-                day=str(day),
+                number=number,
+                state=state,
+                day=day,
                 attempts=int(attempts or 0),
-                status=int(status) if status not in ("", None) else None,
-                serial_no=str(serial) if serial else None,
-                error=str(error) if error else None,
+                status=int(status) if status else None,
+                serial_no=serial or None,
+                error=error or None,
             )
         )
     return tuple(out)
@@ -226,13 +231,8 @@ class Ledger:
         self.lease_s = lease_s
         self.reconcile_grace_s = reconcile_grace_s
         self.clock = clock
-        self._retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_REDIS_OUTAGE_ERRORS),
-            stop=tenacity.stop_after_delay(outage_s),
-            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
-            before_sleep=self._log_outage,
-            reraise=True,
-        )
+        self.outage_s = outage_s
+        self._expireat: tuple[str, int] = ("", 0)
         self._reserve = client.register_script(load_script("reserve"))
         self._settle = client.register_script(load_script("settle"))
         self._requeue = client.register_script(load_script("requeue"))
@@ -240,25 +240,32 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger(app_id={self.app_id!r})"
 
-    @staticmethod
-    def _log_outage(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "ledger Redis unreachable (%s); retrying, attempt %d",
-            type(exc).__name__,
-            state.attempt_number,
-        )
-
     def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run one Redis call, riding out a short outage.
+
+        A connection or timeout error is retried after 50 ms, doubling up to 1 s apart, until
+        ``outage_s`` have passed since the first attempt. (A plain loop, not tenacity: this is
+        on every message's path, and tenacity's bookkeeping costs more than the loop.)
 
         Raises:
             LedgerUnavailable: Redis stayed unreachable for the whole outage budget.
         """
-        try:
-            return self._retrying(fn, *args, **kwargs)
-        except _REDIS_OUTAGE_ERRORS as exc:
-            raise LedgerUnavailable(f"ledger Redis unreachable: {type(exc).__name__}") from exc
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except _REDIS_OUTAGE_ERRORS as exc:
+                if time.monotonic() - started >= self.outage_s:
+                    kind = type(exc).__name__
+                    raise LedgerUnavailable(f"ledger Redis unreachable: {kind}") from exc
+                log.warning(
+                    "ledger Redis unreachable (%s); retrying, attempt %d",
+                    type(exc).__name__,
+                    attempt,
+                )
+            time.sleep(min(_OUTAGE_WAIT_FIRST_S * 2 ** (attempt - 1), _OUTAGE_WAIT_MAX_S))
+            attempt += 1
 
     def day(self, now: float | None = None) -> str:
         """The day (``YYYYMMDD`` in the configured time zone) of a moment."""
@@ -267,8 +274,13 @@ class Ledger:
 
     def day_expireat(self, day: str) -> int:
         """When a day's quota hash expires: the end of that day plus one day of grace."""
+        cached_day, cached = self._expireat  # strptime is slow; a day is asked for all day
+        if cached_day == day:
+            return cached
         start = datetime.strptime(day, "%Y%m%d").replace(tzinfo=self.tz)
-        return int((start + timedelta(days=2)).timestamp())
+        expireat = int((start + timedelta(days=2)).timestamp())
+        self._expireat = (day, expireat)
+        return expireat
 
     def reserve(
         self,
@@ -319,7 +331,8 @@ class Ledger:
         reply = self.call(self._reserve, keys=keys, args=args)
         if reply[0] == "busy":
             return Reservation(int(reply[1]) / 1000, 0, ())
-        return Reservation(None, int(reply[1]), _states(reply, 2))
+        asked = [*numbers, *(text for text, _ in invalid)]
+        return Reservation(None, int(reply[1]), _states(asked, reply[2:]))
 
     def settle(
         self,
@@ -366,18 +379,15 @@ class Ledger:
         for item in items:
             day = days.get(item.number)
             accepted = item.action == "accepted" and item.serial_no
-            args += [
-                item.number,
-                item.action,
-                "" if item.status is None else item.status,
-                item.serial_no or "",
-                item.error,
-                key_index(self.keys.quota(day)) if day else 0,
-                key_index(self.keys.receipt(item.serial_no or "")) if accepted else 0,
-                key_index(self.keys.phone(item.number)) if accepted else 0,
-            ]
+            status = "" if item.status is None else item.status
+            quota = key_index(self.keys.quota(day)) if day else 0
+            receipt = key_index(self.keys.receipt(item.serial_no or "")) if accepted else 0
+            phone = key_index(self.keys.phone(item.number)) if accepted else 0
+            # Three values per number, not eight: redis-py packs each value on its own.
+            spec = f"{item.action}|{status}|{quota}|{receipt}|{phone}|{item.error}"
+            args += [item.number, item.serial_no or "", spec]
         reply = self.call(self._settle, keys=keys, args=args)
-        return int(reply[0]), _states(reply, 1)
+        return int(reply[0]), _states((item.number for item in items), reply[1:])
 
     def requeue(self, message_id: str) -> list[str]:
         """Forget the failed outcomes of a message so it can be sent again.

@@ -61,6 +61,18 @@ def build_ledger(
     )
 
 
+#: Threads of this worker process (``celery worker -c`` may differ from
+#: ``SMS_WORKER_CONCURRENCY``), recorded at start-up: the HTTP pool keeps a connection per
+#: thread, or urllib3 discards and reopens connections under load.
+_worker_threads = 0
+
+
+def set_worker_threads(count: int) -> None:
+    """Record how many threads this worker runs tasks in (sizes the HTTP connection pool)."""
+    global _worker_threads  # noqa: PLW0603 - one worker per process
+    _worker_threads = count
+
+
 def build_runtime(
     settings: Settings,
     *,
@@ -81,7 +93,7 @@ def build_runtime(
         settings.api_base,
         settings.http_timeout_s,
         clock=clock,
-        pool_maxsize=max(10, settings.worker_concurrency),
+        pool_maxsize=max(10, settings.worker_concurrency, _worker_threads),
     )
     dispatcher = Dispatcher(
         ledger,

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from polyv_sms import metrics
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
@@ -89,14 +89,13 @@ def _retry_cap(settings: Settings) -> int:
     reject_on_worker_lost=True,
     throws=(InvalidRequest,),
 )
-def send_sms(
-    self: SendSmsTask,
-    phone_numbers: list[str] | None = None,
-    template_param_names: list[str] | None = None,
-    template_param_values: list[str] | None = None,
-    message_id: str | None = None,
-) -> dict[str, Any]:
+def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Send one SMS notification to up to ``SMS_ACCOUNT_DAILY_LIMIT`` numbers.
+
+    The arguments, by position or by name, are ``phone_numbers``, ``template_param_names``,
+    ``template_param_values`` and ``message_id``; they are bound here, like a call would bind
+    them, so that a producer enqueueing by name with a wrong call (an unknown keyword, too many
+    arguments) gets an :class:`~polyv_sms.errors.InvalidRequest`, not a ``TypeError``.
 
     Args:
         phone_numbers: mobile numbers (strings or ints); duplicates are sent once.
@@ -110,13 +109,7 @@ def send_sms(
     """
     runtime = get_runtime()
     settings = runtime.settings
-    kwargs = {
-        "phone_numbers": phone_numbers,
-        "template_param_names": template_param_names,
-        "template_param_values": template_param_values,
-        "message_id": message_id,
-    }
-    request = validate_request((), kwargs, account_daily_limit=settings.account_daily_limit)
+    request = validate_request(args, kwargs, account_daily_limit=settings.account_daily_limit)
     task_id = str(self.request.id)
     key = request.message_id or task_id
     retries = int(self.request.retries or 0)
@@ -138,14 +131,27 @@ def send_sms(
     metrics.TASK_RETRIES.labels(outcome_reason).inc()
     try:
         raise self.retry(countdown=countdown)
-    except Reject:
+    except Reject as exc:
+        # Celery rejects a task whose retry it could not publish without requeueing: the
+        # broker deletes the message and the result says FAILURE, though the message is not
+        # done. Once the ledger has seen the message, its ``pending`` entry is what keeps it:
+        # drop the broker's copy without a result (Ignore) and let the reconciler enqueue it
+        # again when it is overdue. Before that - the ledger was unreachable - the broker's
+        # copy is the only one: requeue it (or, if the broker refuses even that, it stays
+        # unacknowledged until the visibility timeout).
         metrics.TASK_RETRIES.labels("publish_failed").inc()
+        known = outcome_reason != "ledger"
         log.error(
-            "message %s: the retry could not be published (broker unreachable); the "
-            "reconciler will enqueue it again once it is overdue",
+            "message %s: the retry could not be published (%s); %s",
             key,
+            type(exc.reason).__name__,
+            "the reconciler enqueues it again once it is overdue"
+            if known
+            else "the message goes back to the broker",
         )
-        raise
+        if known:
+            raise Ignore() from None
+        raise Reject(exc.reason, requeue=True) from None
 
 
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ The settings and why (see docs/design.md):
 - ``broker_connection_retry_on_startup``, ``result_backend_always_retry`` and a longer publish
   retry policy ride out a broker restart.
 - the threads pool: the work is waiting on HTTP and Redis.
+- task events off (Celery's default): each costs a broker publish; Flower enables them.
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
         "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events cost a broker publish per task state (~0.2 ms of CPU each, measured in
+        # benchmarks/README.md): off, as in Celery. Flower turns the workers' events on by
+        # itself (its enable_events option, on by default); `celery worker -E` does too.
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
         "worker_hijack_root_logger": True,
@@ -97,6 +101,15 @@ def _refuse_without_credentials(**_: Any) -> None:
         sys.stderr.write(f"polyv-sms worker: {exc}\n")
         sys.stderr.flush()
         raise SystemExit(78) from None  # EX_CONFIG
+
+
+@signals.worker_init.connect
+def _record_threads(sender: Any = None, **_: Any) -> None:
+    from polyv_sms import runtime  # noqa: PLC0415 - only workers need it
+
+    threads = getattr(sender, "concurrency", None)
+    if isinstance(threads, int):
+        runtime.set_worker_threads(threads)
 
 
 @signals.after_setup_logger.connect

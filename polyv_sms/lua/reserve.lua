@@ -2,6 +2,8 @@
 reserve.lua — take daily quota units for the numbers of one message, before one Polyv request.
 
 One round trip, atomic. Per number, all-or-nothing; everything is checked before it is written.
+Safe to replay: the ledger retries a call whose reply was lost in a Redis restart, and a replay
+(same lease token, same ARGV[1]) takes no second unit and counts no second attempt.
 
 KEYS[1]  polyv_sms:{appId}:msg:<message_id>   hash, the message record
 KEYS[2]  polyv_sms:{appId}:quota:<YYYYMMDD>   hash, per-number counts + field "_total"
@@ -32,9 +34,15 @@ Message record fields:
                 state: reserved accepted invalid quota_exceeded account_quota_exceeded failed
 
 Returns {"busy", ms_left} when another run holds the lease, else
-{"ok", pending, then 7 fields per number: number, verdict, day, attempts, status, serial, error}
-where verdict is "send" (a unit is held and this attempt is granted), "exhausted" (reserved but
-no attempts left) or the final state.
+{"ok", pending, then one string per number, in the order asked:
+"verdict|day|attempts|status|serial|updated|error"} (the number's n:<number> field as it now
+is, with the verdict in place of the state) where
+verdict is "send" (a unit is held and this attempt is granted), "exhausted" (reserved but no
+attempts left) or the final state.
+
+Cost: the records and today's counts of all numbers are read with one HMGET each and every
+write to the record goes in one HSET at the end, so a call runs about 10 Redis commands whatever
+the number of numbers (not 4 per number); local copies keep the per-number logic sequential.
 ]]
 
 local msg, quota, pending_set = KEYS[1], KEYS[2], KEYS[3]
@@ -47,9 +55,10 @@ local token = ARGV[8]
 local n = tonumber(ARGV[13])
 local m = tonumber(ARGV[14])
 
-local holder = redis.call('HGET', msg, 'lease')
+local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending')
+local holder = head[1]
 if holder and holder ~= token then
-  local lease_until = tonumber(redis.call('HGET', msg, 'lease_until') or '0')
+  local lease_until = tonumber(head[2] or '0')
   if lease_until > now then
     return {'busy', tostring(lease_until - now)}
   end
@@ -64,39 +73,92 @@ local function parse(v)
 end
 
 local function pack(state, d, attempts, status, serial, err)
-  return table.concat({state, d, attempts, status, serial, ARGV[1], err}, '|')
+  return state .. '|' .. d .. '|' .. attempts .. '|' .. status .. '|' .. serial .. '|' .. ARGV[1]
+    .. '|' .. err
+end
+
+-- unpack() has a limit on how many values it spreads: batches of at most this many.
+local BATCH = 1000
+
+local function hmget(key, fields)
+  local values = {}
+  for first = 1, #fields, BATCH do
+    local last = math.min(first + BATCH - 1, #fields)
+    local part = redis.call('HMGET', key, unpack(fields, first, last))
+    for j = 1, #part do values[first + j - 1] = part[j] end
+  end
+  return values
+end
+
+local function hset(key, pairs)
+  for first = 1, #pairs, BATCH do
+    redis.call('HSET', key, unpack(pairs, first, math.min(first + BATCH - 1, #pairs)))
+  end
+end
+
+-- The records of every number asked about, and today's counts of the valid ones (plus the
+-- account's "_total"), read once; updated here as the script writes them.
+local records, counts = {}, {}
+do
+  local fields, numbers = {}, {'_total'}
+  for i = 15, 14 + n do
+    fields[#fields + 1] = 'n:' .. ARGV[i]
+    numbers[#numbers + 1] = ARGV[i]
+  end
+  for i = 15 + n, 14 + n + 2 * m, 2 do
+    fields[#fields + 1] = 'n:' .. ARGV[i]
+  end
+  local stored = hmget(msg, fields)
+  for j = 1, #fields do records[fields[j]] = stored[j] end
+  local today = hmget(quota, numbers)
+  for j = 1, #numbers do counts[numbers[j]] = today[j] end
+end
+
+local writes, quota_writes = {}, {}
+local function write(field, record)
+  records[field] = record
+  writes[#writes + 1] = field
+  writes[#writes + 1] = record
 end
 
 local out = {'ok', ''}
-local function emit(number, verdict, d, attempts, status, serial, err)
-  local i = #out
-  out[i + 1] = number; out[i + 2] = verdict; out[i + 3] = d; out[i + 4] = attempts
-  out[i + 5] = status; out[i + 6] = serial; out[i + 7] = err
+local function emit(verdict, record)
+  local bar = string.find(record, '|', 1, true)
+  if string.sub(record, 1, bar - 1) ~= verdict then
+    record = verdict .. string.sub(record, bar)
+  end
+  out[#out + 1] = record
 end
 
-local used = tonumber(redis.call('HGET', quota, '_total') or '0')
+local used = tonumber(counts['_total'] or '0')
 local taken, sends = 0, 0
-local pending = tonumber(redis.call('HGET', msg, 'pending') or '0')
+local pending = tonumber(head[3] or '0')
 
 for i = 15, 14 + n do
   local number = ARGV[i]
   local field = 'n:' .. number
-  local current = redis.call('HGET', msg, field)
+  local current = records[field]
   if current then
-    local state, d, attempts, status, serial, _, err = parse(current)
+    local state, d, attempts, status, serial, updated, err = parse(current)
     attempts = tonumber(attempts)
     if state ~= 'reserved' then
-      emit(number, state, d, attempts, status, serial, err)
+      emit(state, current)
+    elseif holder == token and updated == ARGV[1] then
+      -- This very call granted the attempt already: it is being replayed because its reply
+      -- was lost (a Redis restart). Grant the same attempt again; count it once.
+      emit('send', current)
+      sends = sends + 1
     elseif attempts >= max_attempts then
-      emit(number, 'exhausted', d, attempts, status, serial, err)
+      emit('exhausted', current)
     else
       attempts = attempts + 1
-      redis.call('HSET', msg, field, pack('reserved', d, attempts, status, serial, err))
-      emit(number, 'send', d, attempts, status, serial, err)
+      local record = pack('reserved', d, attempts, status, serial, err)
+      write(field, record)
+      emit('send', record)
       sends = sends + 1
     end
   else
-    local count = tonumber(redis.call('HGET', quota, number) or '0')
+    local count = tonumber(counts[number] or '0')
     local state, err
     if count >= phone_limit then
       state = 'quota_exceeded'
@@ -106,15 +168,19 @@ for i = 15, 14 + n do
       err = 'daily limit of ' .. account_limit .. ' SMS for the account reached'
     end
     if state then
-      redis.call('HSET', msg, field, pack(state, day, 0, '', '', err))
-      emit(number, state, day, 0, '', '', err)
+      local record = pack(state, day, 0, '', '', err)
+      write(field, record)
+      emit(state, record)
     else
-      redis.call('HINCRBY', quota, number, 1)
+      counts[number] = count + 1
+      quota_writes[#quota_writes + 1] = number
+      quota_writes[#quota_writes + 1] = count + 1
       used = used + 1
       taken = taken + 1
       pending = pending + 1
-      redis.call('HSET', msg, field, pack('reserved', day, 1, '', '', ''))
-      emit(number, 'send', day, 1, '', '', '')
+      local record = pack('reserved', day, 1, '', '', '')
+      write(field, record)
+      emit('send', record)
       sends = sends + 1
     end
   end
@@ -123,25 +189,33 @@ end
 for i = 15 + n, 14 + n + 2 * m, 2 do
   local number, reason = ARGV[i], ARGV[i + 1]
   local field = 'n:' .. number
-  local current = redis.call('HGET', msg, field)
+  local current = records[field]
   if current then
-    local state, d, attempts, status, serial, _, err = parse(current)
-    emit(number, state, d, attempts, status, serial, err)
+    local state = parse(current)
+    emit(state, current)
   else
-    redis.call('HSET', msg, field, pack('invalid', day, 0, '', '', reason))
-    emit(number, 'invalid', day, 0, '', '', reason)
+    local record = pack('invalid', day, 0, '', '', reason)
+    write(field, record)
+    emit('invalid', record)
   end
 end
 
 if taken > 0 then
-  redis.call('HINCRBY', quota, '_total', taken)
+  quota_writes[#quota_writes + 1] = '_total'
+  quota_writes[#quota_writes + 1] = used
+  hset(quota, quota_writes)
   redis.call('EXPIREAT', quota, ARGV[3])
-  redis.call('HSET', msg, 'pending', pending)
+  writes[#writes + 1] = 'pending'
+  writes[#writes + 1] = pending
 end
 if sends > 0 then
-  redis.call('HSET', msg, 'lease', token, 'lease_until', now + tonumber(ARGV[9]))
+  writes[#writes + 1] = 'lease'
+  writes[#writes + 1] = token
+  writes[#writes + 1] = 'lease_until'
+  writes[#writes + 1] = now + tonumber(ARGV[9])
   redis.call('ZADD', pending_set, ARGV[10], ARGV[11])
 end
+hset(msg, writes)
 redis.call('EXPIRE', msg, ARGV[4])
 out[2] = tostring(pending)
 return out

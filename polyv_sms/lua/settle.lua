@@ -19,9 +19,10 @@ ARGV[4]  max attempts per number
 ARGV[5]  per-number daily limit
 ARGV[6]  score for KEYS[2] when numbers stay reserved (ms; when the reconciler may step in)
 ARGV[7]  message id
-ARGV[8]  k: how many numbers follow, 8 fields each:
-         number, action, status, serial, error, quota key index, receipt key index,
-         phone key index (indexes into KEYS; 0 = none)
+ARGV[8]  k: how many numbers follow, 3 fields each:
+         number, serial (or ""),
+         "action|status|quota key index|receipt key index|phone key index|error"
+         (indexes into KEYS; 0 = none; the error is last and may contain "|")
 
 Actions:
   accepted    status 12: final "accepted", receipt written, unit kept
@@ -34,7 +35,11 @@ Actions:
   fail        final "failed", unit refunded, dead set (a Polyv error envelope)
   fail_keep   final "failed", unit kept, dead set (an answer we cannot interpret)
 
-Returns {pending, then 7 fields per number: number, state, day, attempts, status, serial, error}.
+Returns {pending, then per number, in order: its n:<number> field as it now is}
+("state|day|attempts|status|serial|updated|error").
+
+Cost: the records are read with one HMGET and written with one HSET at the end; per accepted
+number the receipt (HSET, EXPIRE) and the phone index (ZADD, ZREMRANGEBYSCORE, EXPIRE) remain.
 ]]
 
 local msg, pending_set, dead = KEYS[1], KEYS[2], KEYS[3]
@@ -50,7 +55,27 @@ local function parse(v)
 end
 
 local function pack(state, d, attempts, status, serial, err)
-  return table.concat({state, d, attempts, status, serial, now, err}, '|')
+  return state .. '|' .. d .. '|' .. attempts .. '|' .. status .. '|' .. serial .. '|' .. now
+    .. '|' .. err
+end
+
+-- unpack() has a limit on how many values it spreads: batches of at most this many.
+local BATCH = 1000
+
+local function hmget(key, fields)
+  local values = {}
+  for first = 1, #fields, BATCH do
+    local last = math.min(first + BATCH - 1, #fields)
+    local part = redis.call('HMGET', key, unpack(fields, first, last))
+    for j = 1, #part do values[first + j - 1] = part[j] end
+  end
+  return values
+end
+
+local function hset(key, pairs)
+  for first = 1, #pairs, BATCH do
+    redis.call('HSET', key, unpack(pairs, first, math.min(first + BATCH - 1, #pairs)))
+  end
 end
 
 local function decrement(key, field)
@@ -68,15 +93,30 @@ local function refund(quota, number)
 end
 
 local out = {''}
-local pending = tonumber(redis.call('HGET', msg, 'pending') or '0')
+local head = redis.call('HMGET', msg, 'pending', 'lease')
+local pending = tonumber(head[1] or '0')
 local failed = false
 
-for i = 9, 8 + 8 * k, 8 do
-  local number, action, status, serial, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local quota_i, receipt_i, phone_i = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
+-- The records of all the numbers, read once; every record write goes in one HSET at the end.
+-- The local copies keep the per-number logic sequential.
+local records, writes = {}, {}
+do
+  local fields = {}
+  for i = 9, 8 + 3 * k, 3 do
+    fields[#fields + 1] = 'n:' .. ARGV[i]
+  end
+  local stored = hmget(msg, fields)
+  for j = 1, #fields do records[fields[j]] = stored[j] end
+end
+
+for i = 9, 8 + 3 * k, 3 do
+  local number, serial = ARGV[i], ARGV[i + 1]
+  local action, status, quota_i, receipt_i, phone_i, err =
+    string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  quota_i, receipt_i, phone_i = tonumber(quota_i), tonumber(receipt_i), tonumber(phone_i)
   local quota = quota_i > 0 and KEYS[quota_i] or nil
   local field = 'n:' .. number
-  local current = redis.call('HGET', msg, field)
+  local current = records[field]
   local state, d, attempts, old_status, old_serial, _, old_err = 'absent', '', '0', '', '', '', ''
   if current then
     state, d, attempts, old_status, old_serial, _, old_err = parse(current)
@@ -132,18 +172,19 @@ for i = 9, 8 + 8 * k, 8 do
     end
     if status == '' then status = old_status end
     if serial == '' then serial = old_serial end
-    redis.call('HSET', msg, field, pack(new_state, d, attempts, status, serial, err))
-  else
-    status, serial, err = old_status, old_serial, old_err
+    current = pack(new_state, d, attempts, status, serial, err)
+    records[field] = current
+    writes[#writes + 1] = field
+    writes[#writes + 1] = current
   end
-  local o = #out
-  out[o + 1] = number; out[o + 2] = new_state; out[o + 3] = d; out[o + 4] = attempts
-  out[o + 5] = status; out[o + 6] = serial; out[o + 7] = err
+  out[#out + 1] = current
 end
 
 if pending < 0 then pending = 0 end
-redis.call('HSET', msg, 'pending', pending)
-if redis.call('HGET', msg, 'lease') == ARGV[2] then
+writes[#writes + 1] = 'pending'
+writes[#writes + 1] = pending
+hset(msg, writes)
+if head[2] == ARGV[2] then
   redis.call('HDEL', msg, 'lease', 'lease_until')
 end
 if pending > 0 then
