@@ -27,7 +27,14 @@ def start() -> None:
     settings = runtime.settings
     with _lock:
         if settings.metrics_port is not None:
-            index = int(os.environ.get(WORKER_INDEX_ENV, "0") or 0)
+            raw_index = os.environ.get(WORKER_INDEX_ENV, "") or "0"
+            index = int(raw_index) if raw_index.isdigit() else 0
+            if not raw_index.isdigit():
+                log.error(
+                    "%s=%r is not a number; serving metrics as worker 0",
+                    WORKER_INDEX_ENV,
+                    raw_index,
+                )
             port = settings.metrics_port + index
             try:
                 metrics.serve(port)
@@ -41,7 +48,7 @@ def start() -> None:
                 runtime.ledger, enqueue_again, interval_s=settings.reconcile_interval_s
             )
             _reconciler.start()
-            log.info("reconciler sweeping every %.0fs", settings.reconcile_interval_s)
+            log.info("reconciler sweeping every %gs", settings.reconcile_interval_s)
 
 
 def stop() -> None:

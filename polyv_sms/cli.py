@@ -266,7 +266,7 @@ def reconcile(as_json: bool) -> None:
 
     ledger = _receipts().ledger
     if ledger.call(ledger.redis.exists, ledger.keys.reconcile_lock):
-        report: dict[str, Any] = {"skipped": "a worker's reconciler swept moments ago"}
+        report: dict[str, Any] = {"skipped": "a worker's reconciler is sweeping right now"}
     else:
         report = {
             "enqueued": _publish(lambda: Reconciler(ledger, enqueue_again, interval_s=1).sweep())
@@ -274,7 +274,7 @@ def reconcile(as_json: bool) -> None:
 
     def render(data: dict[str, Any]) -> str:
         if "skipped" in data:
-            return f"skipped: {data['skipped']} (workers sweep every SMS_RECONCILE_INTERVAL)"
+            return f"skipped: {data['skipped']}; try again in a moment"
         return f"enqueued again: {', '.join(data['enqueued']) or 'nothing was overdue'}"
 
     _emit(report, as_json, render)

@@ -28,6 +28,12 @@ __all__ = ["Reconciler"]
 
 log = logging.getLogger("polyv_sms.reconcile")
 
+#: Delete the lock only if this sweep still holds it.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: ``enqueue(message_id, task_id, kwargs)`` publishes ``polyv_sms.send_sms`` again.
 Enqueue = Callable[[str, str, dict[str, Any]], None]
 
@@ -49,6 +55,7 @@ class Reconciler:
         self.enqueue = enqueue
         self.interval_s = interval_s
         self.batch = batch
+        self._release = ledger.redis.register_script(_RELEASE_LOCK)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -61,9 +68,20 @@ class Reconciler:
         ledger, keys = self.ledger, self.ledger.keys
         client = ledger.redis
         now = ledger.clock()
+        # The lock keeps sweeps of several workers from overlapping; it expires on its own if
+        # a sweeper dies, and is released when the sweep ends.
+        token = uuid.uuid4().hex
         lock_ms = max(1000, int(self.interval_s * 1000))
-        if not ledger.call(client.set, keys.reconcile_lock, uuid.uuid4().hex, nx=True, px=lock_ms):
+        if not ledger.call(client.set, keys.reconcile_lock, token, nx=True, px=lock_ms):
             return []
+        try:
+            return self._sweep_locked(now)
+        finally:
+            ledger.call(self._release, keys=[keys.reconcile_lock], args=[token])
+
+    def _sweep_locked(self, now: float) -> list[str]:
+        ledger, keys = self.ledger, self.ledger.keys
+        client = ledger.redis
         due = ledger.call(
             client.zrange,
             keys.pending,

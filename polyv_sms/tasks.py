@@ -20,7 +20,7 @@ from polyv_sms.errors import InvalidRequest, LedgerUnavailable
 from polyv_sms.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
-from polyv_sms.worker import QUEUE, TASK_NAME, app
+from polyv_sms.worker import TASK_NAME, app
 
 __all__ = ["SendSmsTask", "enqueue_again", "send_sms"]
 
@@ -83,7 +83,6 @@ def _retry_cap(settings: Settings) -> int:
     bind=True,
     base=SendSmsTask,
     name=TASK_NAME,
-    queue=QUEUE,
     max_retries=None,
     acks_late=True,
     reject_on_worker_lost=True,

@@ -38,7 +38,9 @@ log = logging.getLogger("polyv_sms.worker")
 
 QUEUE = "sms"
 TASK_NAME = "polyv_sms.send_sms"
-#: Publishing (a task or a retry) keeps trying this long while the broker restarts (~20 s).
+#: Publishing (a task or a retry) retries with this policy while the broker is unreachable.
+#: Against a stopped Redis kombu gives up after about 6 s (tests/reliability measure it); what
+#: a longer outage drops, the reconciler enqueues again from the ledger.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 10,
     "interval_start": 0.2,

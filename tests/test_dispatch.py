@@ -223,17 +223,19 @@ def test_reconciler_re_enqueues_an_overdue_message_once(client, account, clock) 
         assert outcome.result is None
     enqueued: list[tuple[str, str, dict[str, Any]]] = []
     reconciler = Reconciler(dispatcher.ledger, lambda *a: enqueued.append(a), interval_s=5)
+    lock = dispatcher.ledger.keys.reconcile_lock
     assert reconciler.sweep() == []  # the retry is not overdue yet
     clock.now += 120
-    client.delete(dispatcher.ledger.keys.reconcile_lock)
     assert reconciler.sweep() == ["rec"]
     message_id, task_id, kwargs = enqueued[0]
     assert (message_id, task_id) == ("rec", "task-rec")
     assert kwargs["phone_numbers"] == ["13900000011"]
     assert kwargs["message_id"] == "rec"
-    client.delete(dispatcher.ledger.keys.reconcile_lock)
+    assert client.exists(lock) == 0  # released when the sweep ended
     assert reconciler.sweep() == []  # pushed back: not enqueued twice in a row
     clock.now += 120  # overdue again, but another sweeper holds the lock
+    client.set(lock, "another-sweeper", px=5000)
     assert reconciler.sweep() == []
-    client.delete(dispatcher.ledger.keys.reconcile_lock)
+    assert client.get(lock) == "another-sweeper"  # not released by us
+    client.delete(lock)
     assert reconciler.sweep() == ["rec"]

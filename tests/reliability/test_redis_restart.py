@@ -3,9 +3,9 @@ broker, the results and the ledger, as in a default deployment. It is killed wit
 middle of a run and started again from its AOF.
 
 A restart can also cut a ledger call between Redis running it and the worker reading the
-answer; the ledger then runs the call again (redis-py's retry, then tenacity), so the Lua
-scripts must be safe to replay. The second test shows they are, through a proxy that loses
-exactly one answer.
+answer; the ledger then runs the call again (redis-py's retry, then the ledger's own bounded
+retry loop), so the Lua scripts must be safe to replay. The second test shows they are,
+through a proxy that loses exactly one answer.
 """
 
 from __future__ import annotations
