@@ -17,12 +17,14 @@ Failures map to :mod:`polyv_sms.errors`:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 import tenacity
@@ -70,6 +72,8 @@ DEFAULT_CONNECT_ATTEMPTS = 3
 DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
 _RATE_LIMIT_MARKERS = ("qps", "exceeds number of calls", "rate limit", "too many requests")
 _LOGGED_NUMBERS = 5
+_FIRST_CONNECT_RETRY_S = 0.1
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +161,23 @@ class PolyvClient:
             session.mount("https://", adapter)
             session.mount("http://", adapter)
         self._session = session
+        # What requests would look up in the environment on every call (HTTP(S)_PROXY,
+        # NO_PROXY, REQUESTS_CA_BUNDLE, ...) is resolved once: the URL never changes, and the
+        # look-ups cost more CPU than the rest of a message's own work.
+        environment = session.merge_environment_settings(self.url, {}, None, None, None)
+        self._send_options: dict[str, Any] = {
+            "proxies": environment["proxies"],
+            "verify": environment["verify"],
+            "cert": environment["cert"],
+        }
+        if self._own_session:
+            session.trust_env = False
+        self._connect_attempts = connect_attempts
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_connect_error),
-            stop=tenacity.stop_after_attempt(connect_attempts)
+            stop=tenacity.stop_after_attempt(max(1, connect_attempts - 1))
             | tenacity.stop_after_delay(connect_retry_budget_s),
-            wait=tenacity.wait_exponential(multiplier=0.1, max=0.5),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=0.5),
             reraise=True,
         )
 
@@ -226,9 +242,10 @@ class PolyvClient:
             "templateParamNames": list(template_param_names),
             "templateParamValues": list(template_param_values),
         }
+        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         started = time.perf_counter()
         try:
-            http = self._retrying(self._post, body)
+            http = self._post_retrying_connect_errors(payload)
         except requests.exceptions.RequestException as exc:
             elapsed = time.perf_counter() - started
             error = self._transport_error(exc)
@@ -265,12 +282,23 @@ class PolyvClient:
             )
         return response
 
-    def _post(self, body: dict[str, Any]) -> requests.Response:
+    def _post_retrying_connect_errors(self, payload: bytes) -> requests.Response:
+        try:
+            return self._post(payload)
+        except requests.exceptions.RequestException as exc:
+            if not _is_connect_error(exc) or self._connect_attempts <= 1:
+                raise
+        # Nothing reached the server: try again in place, a bounded number of times.
+        time.sleep(_FIRST_CONNECT_RETRY_S)
+        return self._retrying(self._post, payload)
+
+    def _post(self, payload: bytes) -> requests.Response:
         return self._session.post(
-            self.url,
-            params=self.signed_query(),
-            json=body,
+            f"{self.url}?{urlencode(self.signed_query())}",
+            data=payload,
+            headers=_JSON_HEADERS,
             timeout=(self.timeout, self.timeout),
+            **self._send_options,
         )
 
     def _transport_error(self, exc: requests.exceptions.RequestException) -> Exception:

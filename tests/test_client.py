@@ -248,3 +248,20 @@ def test_tls_verification_is_on_by_default() -> None:
     with PolyvClient("a", "s") as polyv:
         assert polyv.url == "https://api.polyv.net/live/v4/user/sms/send"
         assert polyv._session.verify is True
+
+
+def test_proxy_settings_from_the_environment_are_honoured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # requests' environment look-ups are resolved once, when the client is built.
+    body = json.dumps(
+        {"code": 200, "status": "success", "success": True, "requestId": "r", "data": []}
+    ).encode()
+    with CannedServer(200, body) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with PolyvClient("a", "s", "http://polyv.invalid") as polyv:
+            polyv.send([NUMBER], ["code"], ["1"])
+    [request] = proxy.requests
+    assert str(request["path"]).startswith("http://polyv.invalid/live/v4/user/sms/send?appId=a&")
