@@ -25,27 +25,32 @@ Control endpoints (JSON, not recorded, never faulted): ``GET /_sim/health``,
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import logging
 import random
 import re
-import socket
-import sys
 import threading
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import date, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict, fields, replace
+from datetime import datetime
 from itertools import accumulate
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from polyv_sms._simfaults import Faults, Tally
+from polyv_sms._simhttp import (
+    HTML,
+    SERVE_POLL_INTERVAL_S,
+    Answer,
+    Server,
+    error,
+    json_answer,
+)
 from polyv_sms.signing import SIGN_METHODS, sign
 
 __all__ = ["SEND_PATH", "Faults", "PolyvSimulator"]
@@ -55,11 +60,7 @@ logger = logging.getLogger(__name__)
 SEND_PATH = "/live/v4/user/sms/send"
 MAX_NUMBERS_PER_REQUEST = 200
 MAX_RECORDS = 100_000
-MAX_BODY_BYTES = 1 << 20
-MAX_LATENCY_S = 3600.0
-SERVE_POLL_INTERVAL_S = 0.05  # how soon the accept loop notices stop()
 
-_JSON, _HTML = "application/json; charset=utf-8", "text/html; charset=utf-8"
 _GARBAGE_PAGE = b"<html><body><h1>502 Bad Gateway</h1><hr>nginx</body></html>\n"
 _FAULT_ERRORS = {
     "http500": (500, 500, "internal server error"),
@@ -68,90 +69,6 @@ _FAULT_ERRORS = {
 _PHONE = re.compile(r"[0-9]{11}")
 _SERIAL_MODULUS, _SERIAL_STEP = 10**18, 413_839_604_925_160_471  # coprime: a permutation
 _INVALID_JSON = object()
-
-
-@dataclass
-class Faults:
-    """Faults to inject; every ``*_rate`` is a share from 0 to 1, drawn with ``seed``.
-
-    ``drop``, ``http500``, ``garbage`` and ``rate_limit`` are decided by one draw per request,
-    in that order (their shares add up; past 1 the earlier win); such a request is not
-    processed. ``fail_numbers`` maps a number to how many times it is answered 11 before the
-    checks let it through; ``status11_rate`` draws 11 per valid number; ``invalid_numbers``
-    are answered -2 although they look valid (Polyv knows numbers we cannot check).
-    ``latency_s`` delays every send answer after processing, and ``slow_rate`` of them by
-    ``slow_latency_s`` more.
-    """
-
-    status11_rate: float = 0.0
-    fail_numbers: dict[str, int] = field(default_factory=dict)
-    invalid_numbers: list[str] = field(default_factory=list)
-    http500_rate: float = 0.0
-    latency_s: float = 0.0
-    slow_rate: float = 0.0
-    slow_latency_s: float = 0.0
-    drop_rate: float = 0.0
-    garbage_rate: float = 0.0
-    rate_limit_rate: float = 0.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in (f.name for f in fields(self) if f.name.endswith(("_rate", "_s"))):
-            value, upper = getattr(self, name), 1.0 if name.endswith("_rate") else MAX_LATENCY_S
-            if not (_is_int(value) or isinstance(value, float)) or not 0 <= value <= upper:
-                raise ValueError(f"{name} must be a number from 0 to {upper:g}, got {value!r}")
-        counts = self.fail_numbers
-        if not isinstance(counts, dict) or not all(
-            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in counts.items()
-        ):
-            raise ValueError("fail_numbers must map phone numbers (strings) to counts >= 0")
-        self.fail_numbers = dict(counts)
-        if not isinstance(self.invalid_numbers, list | tuple | set) or not all(
-            isinstance(n, str) for n in self.invalid_numbers
-        ):
-            raise ValueError("invalid_numbers must be a list of phone numbers (strings)")
-        self.invalid_numbers = list(self.invalid_numbers)
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
-
-
-@dataclass
-class _Tally:
-    """What :meth:`PolyvSimulator.reset` forgets besides the records."""
-
-    fail_remaining: dict[str, int]
-    requests: int = 0
-    by_status: Counter[int] = field(default_factory=Counter)  # all numbers processed
-    by_outcome: Counter[str] = field(default_factory=Counter)  # faults and error codes
-    accepted: Counter[str] = field(default_factory=Counter)
-    received: Counter[str] = field(default_factory=Counter)
-    day: date | None = None
-    today: Counter[str | None] = field(default_factory=Counter)  # accepted; None: account
-
-
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-    content_type: str = _JSON
-    delay_s: float = 0.0
-    drop: bool = False
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _json_answer(status: int, payload: object, delay_s: float = 0.0) -> _Answer:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return _Answer(status, body, delay_s=delay_s)
-
-
-def _error(
-    status: int, code: int, desc: str, request_id: str = "", delay_s: float = 0.0
-) -> _Answer:
-    envelope = {"code": status, "status": "error", "success": False}
-    envelope |= {"requestId": request_id or uuid.uuid4().hex, "error": {"code": code, "desc": desc}}
-    return _json_answer(status, envelope, delay_s)
 
 
 def _load_json(body: bytes) -> object:
@@ -228,8 +145,8 @@ class PolyvSimulator:
         self._serial_offset = random.Random(self._faults.seed).randrange(_SERIAL_MODULUS)
         self._serials_issued = 0
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDS)
-        self._tally = _Tally(dict(self._faults.fail_numbers))
-        self._server: _Server | None = None
+        self._tally = Tally(dict(self._faults.fail_numbers))
+        self._server: Server | None = None
         self._serving_thread: threading.Thread | None = None
 
     @property
@@ -242,11 +159,11 @@ class PolyvSimulator:
         """``http://host:port``, the base URL for clients."""
         return f"http://{self._host}:{self.port}"
 
-    def _bind(self, *, background: bool) -> _Server:
+    def _bind(self, *, background: bool) -> Server:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError("the simulator is already serving; call stop() first")
-            server = self._server = _Server((self._host, self._port), self)
+            server = self._server = Server((self._host, self._port), self._answer)
             self._serving_thread = threading.current_thread()
             if background:
                 self._serving_thread = threading.Thread(
@@ -328,7 +245,7 @@ class PolyvSimulator:
         """Forget records, counters and ``fail_numbers`` progress; reseed; keep the faults."""
         with self._lock:
             self._records.clear()
-            self._tally = _Tally(dict(self._faults.fail_numbers))
+            self._tally = Tally(dict(self._faults.fail_numbers))
             if self._faults.seed is not None:
                 self._rng.seed(self._faults.seed)
 
@@ -372,7 +289,7 @@ class PolyvSimulator:
                 "faults": asdict(self._faults),
             }
 
-    def _answer(self, method: str, target: str, content_type: str, body: bytes) -> _Answer:
+    def _answer(self, method: str, target: str, content_type: str, body: bytes) -> Answer:
         path, _, query = target.partition("?")
         route = f"{method} {path}"
         if route == f"POST {SEND_PATH}":
@@ -381,28 +298,28 @@ class PolyvSimulator:
             try:
                 since = float(dict(parse_qsl(query)).get("since", "-inf"))
             except ValueError:
-                return _error(400, 10001, "since must be a number (a received_at)")
-            return _json_answer(200, {"requests": self.requests(since)})
+                return error(400, 10001, "since must be a number (a received_at)")
+            return json_answer(200, {"requests": self.requests(since)})
         if route == "POST /_sim/faults":
             try:
                 changes = _load_json(body)
                 if not isinstance(changes, dict):
                     raise ValueError("the body must be a JSON object of fault fields")
-                return _json_answer(200, asdict(self.set_faults(**changes)))
+                return json_answer(200, asdict(self.set_faults(**changes)))
             except ValueError as exc:
-                return _error(400, 10001, str(exc))
+                return error(400, 10001, str(exc))
         if route == "POST /_sim/reset":
             self.reset()
-            return _json_answer(200, {"ok": True})
+            return json_answer(200, {"ok": True})
         if route == "GET /_sim/health":
-            return _json_answer(200, {"ok": True})
+            return json_answer(200, {"ok": True})
         if route == "GET /_sim/stats":
-            return _json_answer(200, self.stats())
+            return json_answer(200, self.stats())
         if route == "GET /_sim/faults":
-            return _json_answer(200, asdict(self.faults))
-        return _error(404, 404, f"not found: {route}")
+            return json_answer(200, asdict(self.faults))
+        return error(404, 404, f"not found: {route}")
 
-    def _send(self, query: str, content_type: str, body: bytes) -> _Answer:
+    def _send(self, query: str, content_type: str, body: bytes) -> Answer:
         received_at, request_id = self._clock(), uuid.uuid4().hex
         params = dict(parse_qsl(query, keep_blank_values=True))
         payload = _load_json(body)
@@ -424,10 +341,10 @@ class PolyvSimulator:
             fault, delay_s = self._draw_fault()
         if fault == "drop":
             self._record(record | {"fault": fault, "http_status": None})
-            return _Answer(0, b"", drop=True)
+            return Answer(0, b"", drop=True)
         if fault == "garbage":
             self._record(record | {"fault": fault})
-            return _Answer(200, _GARBAGE_PAGE, _HTML, delay_s)
+            return Answer(200, _GARBAGE_PAGE, HTML, delay_s)
         checked = (
             _FAULT_ERRORS[fault]
             if fault
@@ -437,7 +354,7 @@ class PolyvSimulator:
             status, code, desc = checked
             self._record(record | {"fault": fault, "http_status": status, "error_code": code})
             logger.debug("send %s refused: %s %s", request_id, code, desc)
-            return _error(status, code, desc, request_id, delay_s)
+            return error(status, code, desc, request_id, delay_s)
         with self._lock:
             record["results"] = results = self._process(checked)
         self._record(record)
@@ -445,7 +362,7 @@ class PolyvSimulator:
             shown = ", ".join(f"{_mask(r['phoneNumber'])}:{r['status']}" for r in results)
             logger.debug("send %s answered: %s", request_id, shown)
         success = {"code": 200, "status": "success", "success": True, "requestId": request_id}
-        return _json_answer(200, success | {"data": results}, delay_s)
+        return json_answer(200, success | {"data": results}, delay_s)
 
     def _draw_fault(self) -> tuple[str | None, float]:
         """This request's fault and latency (call with the lock held)."""
@@ -536,74 +453,3 @@ class PolyvSimulator:
             outcome = record["fault"] or record["error_code"]
             if outcome is not None:
                 self._tally.by_outcome[str(outcome)] += 1
-
-
-class _Server(ThreadingHTTPServer):
-    """The HTTP server: knows its simulator and its open connections (to end them on stop)."""
-
-    daemon_threads = True
-    request_queue_size = socket.SOMAXCONN  # the default 5 drops SYNs under load (1 s stalls)
-
-    def __init__(self, address: tuple[str, int], simulator: PolyvSimulator) -> None:
-        self.simulator, self.stopping = simulator, threading.Event()
-        self._connections: set[Any] = set()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._connections.add(request)  # set.add/discard are atomic under the GIL
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        for connection in self._connections.copy():
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):  # the client left: timeout, drop, stop()
-            logger.debug("connection from %s ended: %r", client_address, sys.exc_info()[1])
-        else:
-            logger.exception("Polyv simulator failed on a request from %s", client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version, server_version, sys_version = "HTTP/1.1", "PolyvSimulator", ""
-    disable_nagle_algorithm = True
-    wbufsize = 1 << 16  # headers and body leave in one write
-    server: _Server
-
-    def do_POST(self) -> None:
-        length = self.headers.get("Content-Length", "0")
-        if "Transfer-Encoding" in self.headers or not (length.isascii() and length.isdigit()):
-            length = str(MAX_BODY_BYTES + 1)
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            desc = f"参数校验失败: the body needs a Content-Length of at most {MAX_BODY_BYTES}"
-            self._write(_error(400, 10001, desc))
-            return
-        body = self.rfile.read(int(length))
-        content_type = self.headers.get("Content-Type", "")
-        answer = self.server.simulator._answer(self.command, self.path, content_type, body)
-        if answer.drop:
-            self.close_connection = True
-            return
-        if answer.delay_s > 0:
-            self.server.stopping.wait(answer.delay_s)
-        self._write(answer)
-
-    do_GET = do_POST
-
-    def _write(self, answer: _Answer) -> None:
-        self.send_response_only(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(len(answer.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s: " + format, self.client_address[0], *args)
