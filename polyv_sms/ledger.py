@@ -53,14 +53,22 @@ FINAL_STATES = frozenset(
 DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 _T = TypeVar("_T")
+_USES_RECORD_HELPERS = frozenset({"reserve", "settle"})
 _REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _OUTAGE_WAIT_FIRST_S = 0.05
 _OUTAGE_WAIT_MAX_S = 1.0
 
 
 def load_script(name: str) -> str:
-    """Return the source of ``polyv_sms/lua/<name>.lua`` (shipped in the wheel)."""
-    return resources.files("polyv_sms").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    """Return the source of ``polyv_sms/lua/<name>.lua`` (shipped in the wheel).
+
+    ``reserve`` and ``settle`` come with ``_record.lua`` (their shared helpers) prepended.
+    """
+    lua = resources.files("polyv_sms").joinpath("lua")
+    source = lua.joinpath(f"{name}.lua").read_text("utf-8")
+    if name in _USES_RECORD_HELPERS:
+        source = lua.joinpath("_record.lua").read_text("utf-8") + source
+    return source
 
 
 def connect_redis(

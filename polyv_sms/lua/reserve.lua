@@ -68,34 +68,6 @@ if ARGV[12] ~= '' then
   redis.call('HSETNX', msg, 'meta', ARGV[12])
 end
 
-local function parse(v)
-  return string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-end
-
-local function pack(state, d, attempts, status, serial, err)
-  return state .. '|' .. d .. '|' .. attempts .. '|' .. status .. '|' .. serial .. '|' .. ARGV[1]
-    .. '|' .. err
-end
-
--- unpack() has a limit on how many values it spreads: batches of at most this many.
-local BATCH = 1000
-
-local function hmget(key, fields)
-  local values = {}
-  for first = 1, #fields, BATCH do
-    local last = math.min(first + BATCH - 1, #fields)
-    local part = redis.call('HMGET', key, unpack(fields, first, last))
-    for j = 1, #part do values[first + j - 1] = part[j] end
-  end
-  return values
-end
-
-local function hset(key, pairs)
-  for first = 1, #pairs, BATCH do
-    redis.call('HSET', key, unpack(pairs, first, math.min(first + BATCH - 1, #pairs)))
-  end
-end
-
 -- The records of every number asked about, and today's counts of the valid ones (plus the
 -- account's "_total"), read once; updated here as the script writes them.
 local records, counts = {}, {}

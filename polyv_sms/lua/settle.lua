@@ -50,34 +50,6 @@ local phone_limit = tonumber(ARGV[5])
 local message_id = ARGV[7]
 local k = tonumber(ARGV[8])
 
-local function parse(v)
-  return string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-end
-
-local function pack(state, d, attempts, status, serial, err)
-  return state .. '|' .. d .. '|' .. attempts .. '|' .. status .. '|' .. serial .. '|' .. now
-    .. '|' .. err
-end
-
--- unpack() has a limit on how many values it spreads: batches of at most this many.
-local BATCH = 1000
-
-local function hmget(key, fields)
-  local values = {}
-  for first = 1, #fields, BATCH do
-    local last = math.min(first + BATCH - 1, #fields)
-    local part = redis.call('HMGET', key, unpack(fields, first, last))
-    for j = 1, #part do values[first + j - 1] = part[j] end
-  end
-  return values
-end
-
-local function hset(key, pairs)
-  for first = 1, #pairs, BATCH do
-    redis.call('HSET', key, unpack(pairs, first, math.min(first + BATCH - 1, #pairs)))
-  end
-end
-
 local function decrement(key, field)
   local count = tonumber(redis.call('HGET', key, field) or '0')
   if count > 0 then
