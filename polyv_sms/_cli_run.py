@@ -8,11 +8,14 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+
+from polyv_sms.ledger import stored_requests
+from polyv_sms.phones import check_phone
 
 __all__ = [
     "EXIT_FAILURE",
@@ -23,6 +26,7 @@ __all__ = [
     "CliUsageError",
     "exec_supervisor",
     "fault_rate_options",
+    "requeue_kwargs",
     "run_dir",
     "serve_simulator",
 ]
@@ -130,3 +134,25 @@ def exec_supervisor(program: str, config: str, args: tuple[str, ...]) -> NoRetur
     env["PATH"] = os.pathsep.join([str(here), env.get("PATH", "")])
     click.echo(f"{RUN_DIR_ENV}={env[RUN_DIR_ENV]}", err=True)
     os.execve(str(found), [str(found), "-c", config, *args], env)  # noqa: S606 - no shell
+
+
+def requeue_kwargs(message_id: str, record: Mapping[str, str], failed: set[str]) -> dict[str, Any]:
+    """The ``send_sms`` arguments that send a message's failed numbers again.
+
+    A message id may have been enqueued by several tasks (one stored request each): the
+    requests holding a failed number give their numbers together, with the template of the
+    latest of them. Accepted numbers among them are skipped by the ledger.
+    """
+    requests = stored_requests(record)
+    holding = [
+        request
+        for request in requests
+        if failed & {check_phone(raw).number or str(raw) for raw in request["phone_numbers"]}
+    ] or requests
+    numbers = list(dict.fromkeys(raw for request in holding for raw in request["phone_numbers"]))
+    return {
+        "phone_numbers": numbers,
+        "template_param_names": holding[-1]["template_param_names"],
+        "template_param_values": holding[-1]["template_param_values"],
+        "message_id": message_id,
+    }

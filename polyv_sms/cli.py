@@ -8,14 +8,13 @@ the variable).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import click
 import redis
@@ -27,11 +26,12 @@ from polyv_sms._cli_run import (
     CliUsageError,
     exec_supervisor,
     fault_rate_options,
+    requeue_kwargs,
     serve_simulator,
 )
 from polyv_sms.config import DEFAULT_TIMEZONE, Settings
 from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
-from polyv_sms.ledger import connect_redis
+from polyv_sms.ledger import connect_redis, stored_requests
 from polyv_sms.receipts import Receipts
 
 __all__ = ["main"]
@@ -75,6 +75,15 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
+def _require_results(settings: Settings) -> None:
+    """``--wait`` reads the task's result: refuse before enqueueing when there is no backend."""
+    if settings.result_backend is None:
+        raise ConfigError(
+            "--wait needs a result backend: set SMS_RESULT_BACKEND (or SMS_REDIS_URL); the "
+            "broker is not Redis"
+        )
+
+
 def _receipts() -> Receipts:
     """Read-only access to the ledger; needs ``POLYV_APP_ID`` but never the secret."""
     from polyv_sms.runtime import build_ledger  # noqa: PLC0415 - keeps --help fast
@@ -85,7 +94,7 @@ def _receipts() -> Receipts:
     settings = replace(settings, redis_outage_s=min(settings.redis_outage_s, CLI_REDIS_OUTAGE_S))
     # One error line at the end says it; no warning per retry on the way.
     logging.getLogger("polyv_sms.ledger").setLevel(logging.ERROR)
-    return Receipts(build_ledger(settings, connect_redis(settings.redis_url)))
+    return Receipts(build_ledger(settings, connect_redis(settings.require_redis_url())))
 
 
 def _wait(async_result: Any, timeout: float, message_id: str) -> dict[str, Any]:
@@ -154,7 +163,9 @@ def send(
             raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="--param")
         names.append(name)
         values.append(value)
-    _settings()
+    settings = _settings()
+    if wait:
+        _require_results(settings)
     from polyv_sms.tasks import send_sms  # noqa: PLC0415
 
     pending = _publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
@@ -222,24 +233,23 @@ def quota(day: str | None, top: int, as_json: bool) -> None:
 @json_option
 def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_json: bool) -> None:
     """Messages with numbers that ended failed; --requeue sends one again."""
+    if requeue_id is not None and wait:
+        _require_results(_settings())
     receipts = _receipts()
     if requeue_id is None:
         _emit(receipts.dead(limit), as_json, fmt.render_dead)
         return
     ledger = receipts.ledger
-    stored = ledger.call(ledger.redis.hget, ledger.keys.message(requeue_id), "meta")
+    record = cast(
+        dict[str, str], ledger.call(ledger.redis.hgetall, ledger.keys.message(requeue_id))
+    )
     message = receipts.message(requeue_id)
-    if not stored or message is None:
+    if message is None or not stored_requests(record):
         raise CliError(f"no message {requeue_id!r} in the ledger of this account (POLYV_APP_ID)")
-    if not message["counts"].get("failed"):
+    failed = {n["phone_number"] for n in message["numbers"] if n["state"] == "failed"}
+    if not failed:
         raise CliError(f"message {requeue_id!r} has no failed numbers; nothing to send again")
-    request = json.loads(stored)
-    kwargs = {
-        "phone_numbers": request["phone_numbers"],
-        "template_param_names": request["template_param_names"],
-        "template_param_values": request["template_param_values"],
-        "message_id": requeue_id,
-    }
+    kwargs = requeue_kwargs(requeue_id, record, failed)
     from polyv_sms.tasks import send_sms  # noqa: PLC0415
 
     again = ledger.requeue(requeue_id)

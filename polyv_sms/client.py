@@ -7,12 +7,16 @@ Failures map to :mod:`polyv_sms.errors`:
 
 - connect error (nothing reached the server): retried in place, bounded, then
   :class:`~polyv_sms.errors.PolyvUnavailable`;
-- read timeout or a connection dropped after the request left:
-  :class:`~polyv_sms.errors.AmbiguousSend` (Polyv may have sent it; never retried in place);
+- TLS handshake failure (nothing was sent): :class:`~polyv_sms.errors.PolyvUnavailable`;
+- anything else once the request may have left -- read timeout, connection dropped, an answer
+  whose body is cut short, stalls or does not decode: :class:`~polyv_sms.errors.AmbiguousSend`
+  (Polyv may have sent it; never retried in place);
 - HTTP 5xx: :class:`~polyv_sms.errors.PolyvUnavailable`;
 - rate limiting: :class:`~polyv_sms.errors.RateLimited`;
 - any other error envelope: :class:`~polyv_sms.errors.PermanentError` with Polyv's code/desc;
-- a body that is not the documented JSON: :class:`~polyv_sms.errors.UnexpectedResponse`.
+- a body that is not the documented JSON: :class:`~polyv_sms.errors.UnexpectedResponse`;
+  when only some per-number entries are malformed (or carry an unknown status), it carries
+  the entries that parsed in ``response``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
 _RATE_LIMIT_MARKERS = ("qps", "exceeds number of calls", "rate limit", "too many requests")
 _LOGGED_NUMBERS = 5
 _FIRST_CONNECT_RETRY_S = 0.1
+_SHOWN_MALFORMED = 3
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -104,6 +109,18 @@ class PolyvResponse:
     request_id: str
     results: tuple[PhoneResult, ...]
     elapsed_s: float = 0.0
+
+
+class _AnswerCutShort(requests.exceptions.RequestException):
+    """The answer's status line and headers arrived but reading its body failed.
+
+    Wraps the ``requests`` error (``cause``) so that its classification knows the request
+    reached the server, whatever the error's type (even an SSL error).
+    """
+
+    def __init__(self, cause: requests.exceptions.RequestException) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 def _is_connect_error(exc: BaseException) -> bool:
@@ -304,15 +321,42 @@ class PolyvClient:
         )
         # Straight to the session's pooled adapter: Polyv's answer needs no redirects, cookies
         # or hooks, and Session.request's merging of them cost more CPU than our ledger calls.
-        return self._adapter.send(
+        response = self._adapter.send(
             request, timeout=(self.timeout, self.timeout), **self._send_options
         )
+        # The adapter leaves the body unread: read it here, where a failure is a transport
+        # error (the request has reached the server by now), not later in _parse.
+        try:
+            _ = response.content
+        except requests.exceptions.RequestException as exc:
+            response.close()
+            raise _AnswerCutShort(exc) from exc
+        return response
 
     def _transport_error(self, exc: requests.exceptions.RequestException) -> Exception:
+        """Only what provably happened before the request reached Polyv is unambiguous.
+
+        The messages name the error's type and the base URL, never the full URL (it carries
+        the sign) nor the error's text (which quotes it).
+        """
+        if isinstance(exc, _AnswerCutShort):
+            cause = exc.cause
+            kind = type(cause).__name__
+            if _is_read_timeout(cause):
+                return AmbiguousSend(
+                    f"the answer from {self.base_url} stalled for {self.timeout:g}s after its "
+                    f"headers ({kind}); Polyv may have sent the SMS"
+                )
+            return AmbiguousSend(
+                f"the answer from {self.base_url} was cut short after its headers ({kind}); "
+                "Polyv may have sent the SMS"
+            )
         kind = type(exc).__name__
         if _is_connect_error(exc):
             return PolyvUnavailable(f"could not connect to {self.base_url} ({kind})")
-        if isinstance(exc, requests.exceptions.Timeout):
+        if isinstance(exc, requests.exceptions.SSLError):
+            return PolyvUnavailable(f"TLS handshake with {self.base_url} failed ({kind})")
+        if _is_read_timeout(exc):
             return AmbiguousSend(
                 f"no answer from {self.base_url} within {self.timeout:g}s ({kind}); "
                 "Polyv may have sent the SMS"
@@ -322,7 +366,10 @@ class PolyvClient:
                 f"connection to {self.base_url} dropped before an answer ({kind}); "
                 "Polyv may have sent the SMS"
             )
-        return PolyvUnavailable(f"request to {self.base_url} failed ({kind})")
+        return AmbiguousSend(
+            f"request to {self.base_url} failed after it may have been sent ({kind}); "
+            "Polyv may have sent the SMS"
+        )
 
     def _parse(self, http: requests.Response, elapsed: float) -> PolyvResponse:
         status = http.status_code
@@ -344,38 +391,62 @@ class PolyvClient:
         data = body.get("data")
         if not isinstance(data, list):
             raise UnexpectedResponse(f"Polyv's answer has no data list (requestId {request_id})")
+        # Each entry on its own: one malformed entry must not throw away the others (a
+        # status-12 entry lost here would be sent again). The numbers of malformed entries
+        # are missing from the results, which the dispatcher treats as ambiguous.
         results = []
-        unknown = []
-        for entry in data:
-            result = _parse_entry(entry, request_id)
+        unknown = set()
+        malformed = []
+        for index, entry in enumerate(data):
+            result = _parse_entry(entry)
+            if isinstance(result, str):
+                malformed.append(f"entry {index} {result}")
+                continue
             results.append(result)
             if result.status not in KNOWN_STATUSES:
-                unknown.append(result.status)
+                unknown.add(result.status)
         response = PolyvResponse(request_id, tuple(results), elapsed)
-        if unknown:
+        if unknown or malformed:
+            problems = []
+            if unknown:
+                problems.append(f"unknown per-number status(es) {sorted(unknown)}")
+            if malformed:
+                shown = "; ".join(malformed[:_SHOWN_MALFORMED])
+                more = len(malformed) - _SHOWN_MALFORMED
+                shown += f"; +{more} more" if more > 0 else ""
+                problems.append(f"{len(malformed)} malformed data entr(y/ies) ({shown})")
             raise UnexpectedResponse(
-                f"Polyv answered unknown per-number status(es) {sorted(set(unknown))} "
-                f"(requestId {request_id})",
+                f"Polyv answered {' and '.join(problems)} (requestId {request_id})",
                 response=response,
             )
         return response
 
 
-def _parse_entry(entry: object, request_id: str) -> PhoneResult:
+def _parse_entry(entry: object) -> PhoneResult | str:
+    """One per-number entry, or what is wrong with it (never quoting the entry: PII)."""
     if not isinstance(entry, dict):
-        raise UnexpectedResponse(f"a data entry is not an object (requestId {request_id})")
+        return "is not an object"
     number = entry.get("phoneNumber")
     status = entry.get("status")
     serial = entry.get("serialNo")
     if isinstance(number, int) and not isinstance(number, bool):
         number = str(number)
-    if not isinstance(number, str) or not isinstance(status, int) or isinstance(status, bool):
-        raise UnexpectedResponse(
-            f"a data entry lacks phoneNumber or an integer status (requestId {request_id})"
-        )
+    if not isinstance(number, str):
+        return "lacks a phoneNumber"
+    if not isinstance(status, int) or isinstance(status, bool):
+        return "lacks an integer status"
     if serial is not None and not isinstance(serial, str):
-        raise UnexpectedResponse(f"a serialNo is not a string (requestId {request_id})")
+        return "has a serialNo that is not a string"
     return PhoneResult(number, status, serial or None)
+
+
+def _is_read_timeout(exc: requests.exceptions.RequestException) -> bool:
+    """A timeout while waiting for (part of) the answer: requests wraps it in two ways."""
+    if isinstance(exc, requests.exceptions.Timeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    return isinstance(reason, urllib3.exceptions.ReadTimeoutError)
 
 
 def _envelope_error(status: int, body: dict[str, Any], request_id: str) -> Exception:

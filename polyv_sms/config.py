@@ -132,6 +132,8 @@ def _redact_url(url: str) -> str:
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sentinel", "memory")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: Brokers whose URL Celery also takes as a result backend (``sentinel://`` included).
+_REDIS_BROKER_SCHEMES = ("redis", "rediss", "sentinel")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,8 +148,11 @@ class Settings:
     api_base: str = DEFAULT_API_BASE
     http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
     broker_url: str = DEFAULT_BROKER_URL
-    result_backend: str = DEFAULT_BROKER_URL
-    redis_url: str = DEFAULT_BROKER_URL
+    #: ``None``: Celery runs without a result backend (``AsyncResult.get()`` cannot work).
+    result_backend: str | None = DEFAULT_BROKER_URL
+    #: The ledger's Redis; ``None`` when unknown (a producer needs none). Where the ledger
+    #: is used, :meth:`require_redis_url` says which variable to set.
+    redis_url: str | None = DEFAULT_BROKER_URL
     phone_daily_limit: int = DEFAULT_PHONE_DAILY_LIMIT
     account_daily_limit: int = DEFAULT_ACCOUNT_DAILY_LIMIT
     timezone: str = DEFAULT_TIMEZONE
@@ -193,14 +198,24 @@ class Settings:
             env: the variables; ``os.environ`` when omitted.
 
         Returns:
-            The settings. Credentials may be absent: producers only enqueue. Call
-            :meth:`require_credentials` where sending happens.
+            The settings. Credentials and the ledger's Redis may be absent: producers only
+            enqueue. Call :meth:`require_credentials` where sending happens and
+            :meth:`require_redis_url` where the ledger is used.
 
         Raises:
             ConfigError: a variable is malformed; the message names it.
         """
         env = os.environ if env is None else env
         broker = _url(env, "SMS_BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES)
+        broker_scheme = urlsplit(broker).scheme
+        redis_url: str | None = None
+        if _text(env, "SMS_REDIS_URL", None) is not None:
+            redis_url = _url(env, "SMS_REDIS_URL", broker, _REDIS_SCHEMES)
+        elif broker_scheme in _REDIS_SCHEMES:
+            redis_url = broker
+        # A Redis broker is also the result backend; otherwise the ledger's Redis, if any
+        # (Celery 5 has no amqp:// result backend); otherwise none.
+        result_default = broker if broker_scheme in _REDIS_BROKER_SCHEMES else redis_url
         secret = _text(env, "POLYV_APP_SECRET", None)
         metrics_port = _text(env, "SMS_METRICS_PORT", None)
         return cls(
@@ -211,10 +226,8 @@ class Settings:
                 env, "POLYV_HTTP_TIMEOUT", DEFAULT_HTTP_TIMEOUT_S, minimum=0.001
             ),
             broker_url=broker,
-            result_backend=_required_text(env, "SMS_RESULT_BACKEND", broker),
-            redis_url=_url(env, "SMS_REDIS_URL", broker, _REDIS_SCHEMES)
-            if _text(env, "SMS_REDIS_URL", None) or urlsplit(broker).scheme in _REDIS_SCHEMES
-            else _missing_redis_url(broker),
+            result_backend=_text(env, "SMS_RESULT_BACKEND", result_default),
+            redis_url=redis_url,
             phone_daily_limit=_integer(
                 env, "SMS_PHONE_DAILY_LIMIT", DEFAULT_PHONE_DAILY_LIMIT, minimum=1
             ),
@@ -263,6 +276,19 @@ class Settings:
         assert self.app_secret is not None
         return self.app_id, self.app_secret
 
+    def require_redis_url(self) -> str:
+        """Return the ledger's Redis URL or fail naming ``SMS_REDIS_URL``.
+
+        Raises:
+            ConfigError: ``SMS_REDIS_URL`` is not set and the broker is not a Redis URL.
+        """
+        if self.redis_url is None:
+            raise ConfigError(
+                f"SMS_REDIS_URL must be set: the broker {_redact_url(self.broker_url)!r} is not "
+                "Redis (redis://, rediss:// or unix://), and quotas and receipts live in Redis"
+            )
+        return self.redis_url
+
     @property
     def task_time_limit_s(self) -> float:
         """Hard limit for one run of the task: every chunk's HTTP call at its worst, plus
@@ -288,13 +314,6 @@ class Settings:
                 value = _redact_url(value)
             shown[item.name] = value
         return shown
-
-
-def _missing_redis_url(broker: str) -> str:
-    raise ConfigError(
-        f"SMS_REDIS_URL must be set: the broker {_redact_url(broker)!r} is not Redis, and quotas "
-        "and receipts live in Redis"
-    )
 
 
 def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:

@@ -298,5 +298,6 @@ def run(echo: Echo = print) -> int:
         pending.clear()
         gc.collect()
     verdict = "Done" if ok else "Finished with UNEXPECTED outcomes"
-    echo(f"\n{verdict} in {time.perf_counter() - started:.1f}s. Next: docs/readme/operations.md")
+    elapsed = time.perf_counter() - started
+    echo(f"\n{verdict} in {elapsed:.1f}s. Next: README.md, 'Running in production'.")
     return 0 if ok else 1

@@ -21,12 +21,19 @@ from polyv_sms.client import (
     STATUS_ACCEPTED,
     STATUS_INVALID,
     STATUS_OVER_LIMIT,
+    STATUS_UPSTREAM_FAILED,
     PhoneResult,
     PolyvClient,
     PolyvResponse,
 )
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
-from polyv_sms.errors import AmbiguousSend, PermanentError, TransientError, UnexpectedResponse
+from polyv_sms.errors import (
+    AmbiguousSend,
+    PermanentError,
+    RateLimited,
+    TransientError,
+    UnexpectedResponse,
+)
 from polyv_sms.ledger import Ledger, NumberState, Settlement
 from polyv_sms.phones import PhoneCheck, check_phone, mask
 from polyv_sms.validation import SmsRequest
@@ -38,6 +45,8 @@ log = logging.getLogger("polyv_sms.dispatch")
 #: The final outcomes of a number, in the order the result's ``counts`` lists them.
 OUTCOMES = ("accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed")
 _BUSY_JITTER_S = 0.5
+#: Polyv blocks an IP that exceeds its rate limit for 5 minutes.
+RATE_LIMIT_PAUSE_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +72,7 @@ class _Run:
     states: dict[str, NumberState] = field(default_factory=dict)
     abort: PermanentError | None = None
     give_up: str | None = None
+    retry_in: float | None = None
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -151,6 +161,9 @@ class Dispatcher:
         }
         chunks = list(_chunks(valid, POLYV_MAX_NUMBERS_PER_REQUEST)) or [[]]
         for index, chunk in enumerate(chunks):
+            if run.give_up is not None:
+                self._give_up(run, chunk, invalid if index == 0 else {})
+                continue
             if run.abort is not None:
                 self._fail_unsent(run, chunk)
                 continue
@@ -175,9 +188,12 @@ class Dispatcher:
             self._send_and_settle(run, request, reservation.states)
         pending = [n for n in valid if run.states.get(n) is None or not run.states[n].final]
         if pending:
-            attempt = max((run.states[n].attempts for n in pending if n in run.states), default=1)
-            delay = self.backoff(attempt)
-            return RunOutcome(None, delay, "pending")
+            # The delay this run already promised the ledger (the reconciler waits for it), or
+            # a fresh one when nothing was sent (another run's lease kept them, say).
+            if run.retry_in is None:
+                attempts = (run.states[n].attempts for n in pending if n in run.states)
+                run.retry_in = self.backoff(max(attempts, default=1))
+            return RunOutcome(None, run.retry_in, "pending")
         result = self.result(run)
         metrics.count_outcomes(result["counts"])
         return RunOutcome(result)
@@ -196,16 +212,19 @@ class Dispatcher:
             for s in reserved
             if s.state == "exhausted"
         ]
-        retry_at = self.clock()
-        if to_send and run.give_up:
-            items += [Settlement(n, "fail_keep", error=run.give_up) for n in to_send]
-        elif to_send:
-            retry_at += self.backoff(max(run.states[n].attempts for n in to_send))
-            items += self._send(run, request, to_send)
+        delay = 0.0
+        if to_send:
+            sent = self._send(run, request, to_send)
+            delay = self.backoff(max(run.states[n].attempts for n in to_send))
+            if any(item.action == "rate_limited" for item in sent):
+                # Polyv blocks an IP that exceeds its rate for 5 minutes: sooner is wasted.
+                delay = max(delay, min(RATE_LIMIT_PAUSE_S, self.retry_backoff_max_s))
+            run.retry_in = max(run.retry_in or 0.0, delay)
+            items += sent
         if items:
             days = {s.number: s.day for s in reserved}
             _, settled = self.ledger.settle(
-                run.message_id, items, days=days, token=run.token, retry_at=retry_at
+                run.message_id, items, days=days, token=run.token, retry_at=self.clock() + delay
             )
             run.states.update((s.number, s) for s in settled)
 
@@ -223,8 +242,12 @@ class Dispatcher:
         except UnexpectedResponse as exc:
             metrics.observe_request(time.perf_counter() - started, "unexpected", len(numbers))
             if exc.response is None:
-                return self._retry_all(numbers, "retry", str(exc))
+                # An answer we cannot read may still mean Polyv sent it: keep the unit.
+                return self._retry_all(numbers, "retry_keep", str(exc))
             response = exc.response
+        except RateLimited as exc:
+            metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
+            return self._retry_all(numbers, "rate_limited", str(exc))
         except AmbiguousSend as exc:
             metrics.observe_request(time.perf_counter() - started, "ambiguous", len(numbers))
             action = "retry_keep" if self.retry_ambiguous else "fail_keep"
@@ -283,6 +306,31 @@ class Dispatcher:
             run.message_id, items, days=days, token=run.token, retry_at=self.clock()
         )
         run.states.update((s.number, s) for s in settled)
+
+    def _give_up(self, run: _Run, numbers: Sequence[str], invalid: dict[str, str]) -> None:
+        """End the message's pending numbers ``failed`` without sending them again.
+
+        Nothing is reserved: a number still reserved gets its unit back when its last attempt
+        was a plain status 11 (Polyv did not send it) and keeps it otherwise (it may have).
+        """
+        assert run.give_up is not None
+        known = self.ledger.peek(run.message_id, [*numbers, *invalid])
+        items = [Settlement(raw, "invalid", error=reason) for raw, reason in invalid.items()]
+        for number in numbers:
+            state = known.get(number)
+            if state is None:
+                items.append(Settlement(number, "fail", error=run.give_up))
+            elif not state.final:
+                refund = state.status == STATUS_UPSTREAM_FAILED
+                action = "fail" if refund else "fail_keep"
+                items.append(Settlement(number, action, state.status, error=run.give_up))
+        run.states.update(known)
+        if items:
+            days = {n: s.day for n, s in known.items() if s.state == "reserved"}
+            _, settled = self.ledger.settle(
+                run.message_id, items, days=days, token=run.token, retry_at=self.clock()
+            )
+            run.states.update((s.number, s) for s in settled)
 
     @staticmethod
     def _count_refusals(states: Sequence[NumberState]) -> None:

@@ -36,6 +36,7 @@ from polyv_sms.errors import LedgerUnavailable
 
 __all__ = [
     "FINAL_STATES",
+    "REQUEST_PREFIX",
     "Keys",
     "Ledger",
     "NumberState",
@@ -43,6 +44,7 @@ __all__ = [
     "Settlement",
     "connect_redis",
     "load_script",
+    "stored_requests",
 ]
 
 log = logging.getLogger("polyv_sms.ledger")
@@ -53,8 +55,19 @@ FINAL_STATES = frozenset(
 DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 _T = TypeVar("_T")
+#: Message-record fields holding each task's request: ``req:<task id>``.
+REQUEST_PREFIX = "req:"
 _USES_RECORD_HELPERS = frozenset({"reserve", "settle"})
-_REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+#: Errors a Redis restart, failover or a full Redis produce; they pass, so the call is retried
+#: (the scripts are safe to replay, and Redis rejects a script's first write when full, never a
+#: later one, so nothing is half-applied).
+_REDIS_OUTAGE_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 _OUTAGE_WAIT_FIRST_S = 0.05
 _OUTAGE_WAIT_MAX_S = 1.0
 
@@ -251,9 +264,11 @@ class Ledger:
     def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run one Redis call, riding out a short outage.
 
-        A connection or timeout error is retried after 50 ms, doubling up to 1 s apart, until
-        ``outage_s`` have passed since the first attempt. (A plain loop, not tenacity: this is
-        on every message's path, and tenacity's bookkeeping costs more than the loop.)
+        A connection or timeout error, Redis loading its data, a read-only replica (failover)
+        or a full Redis (``maxmemory`` with ``noeviction``) is retried after 50 ms, doubling up
+        to 1 s apart, until ``outage_s`` have passed since the first attempt. (A plain loop,
+        not tenacity: this is on every message's path, and tenacity's bookkeeping costs more
+        than the loop.)
 
         Raises:
             LedgerUnavailable: Redis stayed unreachable for the whole outage budget.
@@ -266,9 +281,9 @@ class Ledger:
             except _REDIS_OUTAGE_ERRORS as exc:
                 if time.monotonic() - started >= self.outage_s:
                     kind = type(exc).__name__
-                    raise LedgerUnavailable(f"ledger Redis unreachable: {kind}") from exc
+                    raise LedgerUnavailable(f"ledger Redis unavailable: {kind}") from exc
                 log.warning(
-                    "ledger Redis unreachable (%s); retrying, attempt %d",
+                    "ledger Redis unavailable (%s); retrying, attempt %d",
                     type(exc).__name__,
                     attempt,
                 )
@@ -307,7 +322,8 @@ class Ledger:
             invalid: ``(input text, reason)`` of numbers that failed validation; recorded as
                 ``invalid`` unless the message already has an outcome for them.
             token: this run's lease token.
-            meta: the request, stored once, for the reconciler and ``dead --requeue``.
+            meta: the request (with its ``task_id``), stored once per task, for the reconciler
+                and ``dead --requeue``.
 
         Returns:
             The decision for each number, in order.
@@ -328,6 +344,7 @@ class Ledger:
             int(self.lease_s * 1000),
             now_ms + int((self.lease_s + self.reconcile_grace_s) * 1000),
             message_id,
+            f"{REQUEST_PREFIX}{meta['task_id']}" if meta else "",
             json.dumps(meta, separators=(",", ":"), ensure_ascii=False) if meta else "",
             len(numbers),
             len(invalid),
@@ -436,3 +453,14 @@ def parse_record(number: str, value: str) -> NumberState:
         serial_no=serial or None,
         error=error or None,
     )
+
+
+def stored_requests(record: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The requests stored in a message record (``HGETALL`` of it), oldest first.
+
+    A message id enqueued again by another task (with other numbers, say) has one per task.
+    """
+    found = [
+        json.loads(value) for field, value in record.items() if field.startswith(REQUEST_PREFIX)
+    ]
+    return sorted(found, key=lambda request: float(request.get("created_at") or 0))

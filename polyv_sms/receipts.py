@@ -12,12 +12,11 @@ needed, never the secret::
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from polyv_sms.config import Settings
-from polyv_sms.ledger import Ledger, connect_redis, parse_record
+from polyv_sms.ledger import Ledger, connect_redis, parse_record, stored_requests
 from polyv_sms.phones import check_phone
 
 __all__ = ["Receipts"]
@@ -41,11 +40,16 @@ class Receipts:
 
     @classmethod
     def from_env(cls) -> Receipts:
-        """Build from ``POLYV_APP_ID``, ``SMS_REDIS_URL`` and the other settings."""
+        """Build from ``POLYV_APP_ID``, ``SMS_REDIS_URL`` and the other settings.
+
+        Raises:
+            ConfigError: ``POLYV_APP_ID`` is not set, or ``SMS_REDIS_URL`` is not set and the
+                broker is not Redis.
+        """
         from polyv_sms.runtime import build_ledger  # noqa: PLC0415 - avoids an import cycle
 
         settings = Settings.from_env()
-        return cls(build_ledger(settings, connect_redis(settings.redis_url)))
+        return cls(build_ledger(settings, connect_redis(settings.require_redis_url())))
 
     def _hash(self, key: str) -> dict[str, str]:
         ledger = self.ledger
@@ -64,7 +68,7 @@ class Receipts:
         record = self._hash(self.ledger.keys.message(message_id))
         if not record:
             return None
-        meta = json.loads(record.get("meta") or "{}")
+        requests = stored_requests(record)
         numbers = []
         counts: dict[str, int] = {}
         for field, value in record.items():
@@ -85,12 +89,18 @@ class Receipts:
                     "updated_at": _iso(updated),
                 }
             )
-        order = {str(n): i for i, n in enumerate(meta.get("phone_numbers", []))}
+        # The order the numbers were asked in (normalised as the ledger keys them).
+        order: dict[str, int] = {}
+        for request in requests:
+            for raw in request.get("phone_numbers", []):
+                order.setdefault(check_phone(raw).number or str(raw)[:64], len(order))
         numbers.sort(key=lambda n: order.get(str(n["phone_number"]), len(order)))
-        created = meta.get("created_at")
+        created = requests[0].get("created_at") if requests else None
+        task_ids = [str(request.get("task_id")) for request in requests]
         return {
             "message_id": message_id,
-            "task_id": meta.get("task_id"),
+            "task_id": task_ids[0] if task_ids else None,
+            "task_ids": task_ids,
             "created_at": _iso(created * 1000) if created else None,
             "pending": int(record.get("pending") or 0),
             "numbers": numbers,

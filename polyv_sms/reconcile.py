@@ -14,15 +14,15 @@ lets one sweep at a time. ``polyv-sms reconcile`` runs one sweep by hand.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from polyv_sms import metrics
-from polyv_sms.ledger import Ledger
+from polyv_sms.ledger import Ledger, stored_requests
+from polyv_sms.phones import check_phone
 
 __all__ = ["Reconciler"]
 
@@ -92,35 +92,58 @@ class Reconciler:
             num=self.batch,
         )
         enqueued = []
-        for message_id in due:
-            key = keys.message(str(message_id))
-            meta, pending, lease_until = ledger.call(
-                client.hmget, key, ["meta", "pending", "lease_until"]
-            )
-            if not meta or not int(pending or 0):
-                ledger.call(client.zrem, keys.pending, message_id)
+        later_ms = int((now + ledger.lease_s + ledger.reconcile_grace_s) * 1000)
+        for member in due:
+            message_id = str(member)
+            try:
+                if self._revive(message_id, now):
+                    enqueued.append(message_id)
+            except Exception:
+                # One bad record must not block the others: look at it again later.
+                log.exception("message %s: could not be enqueued again", message_id)
+            ledger.call(client.zadd, keys.pending, {message_id: later_ms}, xx=True)
+        return enqueued
+
+    def _revive(self, message_id: str, now: float) -> bool:
+        """Enqueue again the requests of an overdue message that still have pending numbers.
+
+        Returns:
+            True when something was enqueued.
+        """
+        ledger, keys = self.ledger, self.ledger.keys
+        record = cast(dict[str, str], ledger.call(ledger.redis.hgetall, keys.message(message_id)))
+        if not int(record.get("pending") or 0):
+            ledger.call(ledger.redis.zrem, keys.pending, message_id)
+            return False
+        if int(record.get("lease_until") or 0) > now * 1000:
+            return False  # a run is sending it right now
+        pending = {
+            field[2:]
+            for field, value in record.items()
+            if field.startswith("n:") and value.startswith("reserved|")
+        }
+        # Each task that enqueued this message id gets its own request back (with its own
+        # task id, so that its caller's AsyncResult.get() returns), if it has pending numbers.
+        revived = False
+        for request in stored_requests(record):
+            numbers = {check_phone(raw).number for raw in request["phone_numbers"]}
+            if not numbers & pending:
                 continue
-            later_ms = int((now + ledger.lease_s + ledger.reconcile_grace_s) * 1000)
-            if lease_until and int(lease_until) > now * 1000:
-                ledger.call(client.zadd, keys.pending, {message_id: later_ms}, xx=True)
-                continue
-            request = json.loads(meta)
             kwargs = {
                 "phone_numbers": request["phone_numbers"],
                 "template_param_names": request["template_param_names"],
                 "template_param_values": request["template_param_values"],
-                "message_id": str(message_id),
+                "message_id": message_id,
             }
-            self.enqueue(str(message_id), str(request["task_id"]), kwargs)
-            ledger.call(client.zadd, keys.pending, {message_id: later_ms}, xx=True)
+            self.enqueue(message_id, str(request["task_id"]), kwargs)
             metrics.RECONCILED.inc()
             log.warning(
                 "message %s: its retry never ran; enqueued again (task %s)",
                 message_id,
                 request["task_id"],
             )
-            enqueued.append(str(message_id))
-        return enqueued
+            revived = True
+        return revived
 
     def start(self) -> None:
         """Sweep every ``interval_s`` in a daemon thread until :meth:`stop`."""

@@ -82,10 +82,10 @@ def build_runtime(
     """Build the runtime for ``settings``.
 
     Raises:
-        ConfigError: the credentials are missing.
+        ConfigError: the credentials or the ledger's Redis (``SMS_REDIS_URL``) are missing.
     """
     app_id, secret = settings.require_credentials()
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.require_redis_url())
     ledger = build_ledger(settings, client, clock=clock)
     polyv = PolyvClient(
         app_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject
 
@@ -117,7 +118,9 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         give_up = f"gave up after {retries} task retries"
     try:
         outcome = runtime.dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
-    except LedgerUnavailable as exc:
+    except (LedgerUnavailable, redis.RedisError) as exc:
+        # Retried through the broker like any transient failure: failing the task would drop
+        # the message (acks_late acknowledges a failed task).
         countdown = runtime.dispatcher.backoff(retries + 1)
         log.warning("message %s: %s; retrying in %.1fs", key, exc, countdown)
         outcome_reason = "ledger"

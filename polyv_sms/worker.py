@@ -3,7 +3,10 @@
 Importing this module connects to nothing and reads no environment variable: the
 configuration is built from :meth:`Settings.from_env` the first time Celery needs it, so an
 application that only enqueues needs neither credentials nor a reachable broker at import.
-A worker refuses to start without ``POLYV_APP_ID``/``POLYV_APP_SECRET``.
+A worker refuses to start without ``POLYV_APP_ID``/``POLYV_APP_SECRET`` or without a Redis
+for the ledger (``SMS_REDIS_URL``, needed when the broker is not Redis). Without a result
+backend (a non-Redis broker and neither ``SMS_RESULT_BACKEND`` nor ``SMS_REDIS_URL``) Celery
+stores no results: ``AsyncResult.get()`` then needs ``SMS_RESULT_BACKEND``.
 
 The settings and why (see docs/design.md):
 
@@ -58,9 +61,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         sweep = max(1, min(10, int(settings.visibility_timeout_s // 10)))
         broker_options |= {"unacked_restore_interval": sweep, "unacked_restore_throttle": 1}
     time_limit = settings.task_time_limit_s
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -89,6 +91,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         "polyv_sms_account_daily_limit": settings.account_daily_limit,
     }
+    if settings.result_backend is not None:
+        # Left out otherwise: Celery then runs without a result backend (it has no amqp:// one).
+        config["result_backend"] = settings.result_backend
+    return config
 
 
 app = Celery("polyv_sms", include=["polyv_sms.tasks"])
@@ -97,8 +103,11 @@ app.add_defaults(lambda: celery_config(Settings.from_env()))
 
 @signals.worker_init.connect
 def _refuse_without_credentials(**_: Any) -> None:
+    """Stop a worker that could not send: no credentials, or no Redis for the ledger."""
     try:
-        Settings.from_env().require_credentials()
+        settings = Settings.from_env()
+        settings.require_credentials()
+        settings.require_redis_url()
     except ConfigError as exc:
         sys.stderr.write(f"polyv-sms worker: {exc}\n")
         sys.stderr.flush()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from helpers import CannedServer, free_port
+import requests
+from helpers import CannedServer, RawServer, free_port, read_http_request, self_signed_tls
 
 from polyv_sms.client import PolyvClient
 from polyv_sms.errors import (
@@ -265,3 +268,134 @@ def test_proxy_settings_from_the_environment_are_honoured(
             polyv.send([NUMBER], ["code"], ["1"])
     [request] = proxy.requests
     assert str(request["path"]).startswith("http://polyv.invalid/live/v4/user/sms/send?appId=a&")
+
+
+OK_BODY = json.dumps(
+    {
+        "code": 200,
+        "status": "success",
+        "success": True,
+        "requestId": "r",
+        "data": [{"phoneNumber": NUMBER, "status": 12, "serialNo": "1^0"}],
+    }
+).encode()
+
+
+def _head(length: int, *extra: str) -> bytes:
+    lines = ["HTTP/1.1 200 OK", "Content-Type: application/json", f"Content-Length: {length}"]
+    return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
+
+
+def test_a_body_cut_short_after_the_headers_is_ambiguous_and_not_retried() -> None:
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        conn.sendall(_head(len(OK_BODY)) + OK_BODY[:20])  # then the connection closes
+
+    with RawServer(answer) as server, PolyvClient("a", "secret-xyz", server.url) as polyv:
+        with pytest.raises(AmbiguousSend, match="may have sent") as caught:
+            polyv.send([NUMBER], ["code"], ["1"])
+    assert server.connections == 1
+    assert "secret-xyz" not in str(caught.value)
+    assert "sign=" not in str(caught.value)
+
+
+def test_a_body_that_stalls_after_the_headers_is_ambiguous_within_the_timeout() -> None:
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        conn.sendall(_head(len(OK_BODY)) + OK_BODY[:20])
+        server.stopped.wait(5)
+
+    with RawServer(answer) as server, PolyvClient("a", "s", server.url, timeout=0.3) as polyv:
+        started = time.monotonic()
+        with pytest.raises(AmbiguousSend, match="stalled"):
+            polyv.send([NUMBER], ["code"], ["1"])
+        assert time.monotonic() - started < 1.5
+    assert server.connections == 1
+
+
+def test_a_body_that_does_not_decode_is_ambiguous() -> None:
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        garbage = b"this is not gzip"
+        conn.sendall(_head(len(garbage), "Content-Encoding: gzip") + garbage)
+
+    with RawServer(answer) as server, PolyvClient("a", "s", server.url) as polyv:
+        with pytest.raises(AmbiguousSend, match="ContentDecodingError"):
+            polyv.send([NUMBER], ["code"], ["1"])
+
+
+def test_a_failed_tls_handshake_is_unavailable_not_ambiguous() -> None:
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    with RawServer(answer) as server:
+        url = server.url.replace("http://", "https://")
+        with PolyvClient("a", "s", url) as polyv:
+            with pytest.raises(PolyvUnavailable, match="TLS handshake") as caught:
+                polyv.send([NUMBER], ["code"], ["1"])
+    assert not isinstance(caught.value, AmbiguousSend)
+
+
+def test_a_tls_error_after_the_headers_is_ambiguous(tmp_path: Path) -> None:
+    context, cert = self_signed_tls(tmp_path)
+    forge = [False, True]  # first a good answer (the trust set-up works), then a forged record
+
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        if not forge.pop(0):
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY)
+            return
+        conn.sendall(_head(len(OK_BODY)))
+        time.sleep(0.05)
+        # raw bytes under the TLS layer: an application-data record that fails to decrypt
+        socket.socket.sendall(conn, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        server.stopped.wait(5)
+
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(cert)
+    with (
+        session,
+        RawServer(answer, tls=context) as server,
+        PolyvClient("a", "s", server.url, session=session, timeout=2.0) as polyv,
+    ):
+        assert polyv.send([NUMBER], ["code"], ["1"]).results[0].status == 12
+        with pytest.raises(AmbiguousSend, match=r"cut short.*SSLError"):
+            polyv.send([NUMBER], ["code"], ["1"])
+
+
+def test_one_malformed_entry_keeps_the_others() -> None:
+    body = json.dumps(
+        {
+            "code": 200,
+            "status": "success",
+            "success": True,
+            "requestId": "r2",
+            "data": [
+                {"phoneNumber": NUMBER, "status": 12, "serialNo": "605320356903663783^0"},
+                {"phoneNumber": "13800138000", "status": "12", "serialNo": "2^0"},
+                "garbage",
+                {"phoneNumber": "13800138001", "status": 11, "serialNo": None},
+            ],
+        }
+    ).encode()
+    numbers = [NUMBER, "13800138000", "13800138001", "13800138002"]
+    with CannedServer(200, body) as server, PolyvClient("a", "s", server.url) as polyv:
+        with pytest.raises(UnexpectedResponse, match="2 malformed data") as caught:
+            polyv.send(numbers, ["code"], ["1"])
+    response = caught.value.response
+    assert response is not None
+    assert response.request_id == "r2"
+    assert [(r.phone_number, r.status, r.serial_no) for r in response.results] == [
+        (NUMBER, 12, "605320356903663783^0"),
+        ("13800138001", 11, None),
+    ]
+    assert "13800138000" not in str(caught.value)
+
+
+def test_a_data_that_is_not_a_list_has_no_partial_answer() -> None:
+    body = b'{"code": 200, "success": true, "requestId": "r", "data": {"phoneNumber": "1"}}'
+    with CannedServer(200, body) as server, PolyvClient("a", "s", server.url) as polyv:
+        with pytest.raises(UnexpectedResponse, match="no data list") as caught:
+            polyv.send([NUMBER], ["code"], ["1"])
+    assert caught.value.response is None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from celery import Celery
+from celery.backends.base import DisabledBackend
 
 from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import Secret, Settings
 from polyv_sms.errors import ConfigError
+from polyv_sms.worker import celery_config
 
 
 def test_defaults_follow_the_design() -> None:
@@ -72,13 +75,61 @@ def test_every_variable_is_read() -> None:
         ({"POLYV_API_BASE": "api.polyv.net"}, "POLYV_API_BASE"),
         ({"SMS_RETRY_BACKOFF_MAX": "1300"}, "SMS_RETRY_BACKOFF_MAX"),
         ({"SMS_VISIBILITY_TIMEOUT": "100"}, "SMS_VISIBILITY_TIMEOUT"),
-        ({"SMS_BROKER_URL": "amqp://localhost//"}, "SMS_REDIS_URL"),
+        ({"SMS_BROKER_URL": "amqp://localhost//", "SMS_REDIS_URL": "amqp://x//"}, "SMS_REDIS_URL"),
         ({"SMS_RETRY_AMBIGUOUS": "maybe"}, "SMS_RETRY_AMBIGUOUS"),
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
+
+
+def test_a_producer_on_rabbitmq_needs_no_ledger_redis() -> None:
+    # Enqueueing needs only the broker: no SMS_REDIS_URL, and no amqp:// result backend,
+    # which Celery 5 does not have.
+    settings = Settings.from_env({"SMS_BROKER_URL": "amqp://guest:pw@localhost:5672//"})
+    assert settings.redis_url is None
+    assert settings.result_backend is None
+    with pytest.raises(ConfigError, match="SMS_REDIS_URL must be set") as caught:
+        settings.require_redis_url()
+    assert "pw" not in str(caught.value)
+    config = celery_config(settings)
+    assert config["broker_url"].startswith("amqp://")
+    assert config.get("result_backend") is None
+    others = [value for name, value in config.items() if name != "broker_url"]
+    assert not any(str(value).startswith(("amqp", "pyamqp")) for value in others)
+    app = Celery("check", set_as_current=False)
+    app.config_from_object(config)
+    assert isinstance(app.backend, DisabledBackend)  # Celery accepts it: no result backend
+    assert settings.describe()["redis_url"] is None
+
+
+def test_a_rabbitmq_broker_keeps_results_in_the_ledger_redis() -> None:
+    env = {"SMS_BROKER_URL": "amqp://localhost//", "SMS_REDIS_URL": "redis://localhost:6379/2"}
+    settings = Settings.from_env(env)
+    assert settings.redis_url == settings.require_redis_url() == env["SMS_REDIS_URL"]
+    assert settings.result_backend == env["SMS_REDIS_URL"]
+    assert celery_config(settings)["result_backend"] == env["SMS_REDIS_URL"]
+    explicit = Settings.from_env(env | {"SMS_RESULT_BACKEND": "redis://localhost:6379/1"})
+    assert explicit.result_backend == "redis://localhost:6379/1"
+    assert explicit.redis_url == env["SMS_REDIS_URL"]
+
+
+@pytest.mark.parametrize("broker", ["redis://localhost:6379/3", "rediss://h:6380/0"])
+def test_a_redis_broker_is_also_ledger_and_result_backend(broker: str) -> None:
+    settings = Settings.from_env({"SMS_BROKER_URL": broker})
+    assert settings.redis_url == settings.require_redis_url() == broker
+    assert settings.result_backend == broker
+    assert celery_config(settings)["result_backend"] == broker
+
+
+def test_a_sentinel_broker_needs_a_ledger_url_but_serves_results() -> None:
+    # sentinel:// is a Celery URL, not one redis-py can open for the ledger.
+    settings = Settings.from_env({"SMS_BROKER_URL": "sentinel://localhost:26379"})
+    assert settings.redis_url is None
+    assert settings.result_backend == "sentinel://localhost:26379"
+    with pytest.raises(ConfigError, match="SMS_REDIS_URL"):
+        settings.require_redis_url()
 
 
 def test_missing_credentials_name_both_variables() -> None:

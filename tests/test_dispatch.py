@@ -211,6 +211,12 @@ def test_give_up_ends_pending_numbers_failed(client, account, clock) -> None:
     by = {r["phone_number"]: r["outcome"] for r in done.result["results"]}
     assert by == {"13900000009": "failed", "13900000010": "accepted"}
     assert sim.received("13900000009") == 1
+    # Its last attempt was a plain status 11 (not sent): the unit is given back.
+    assert quota(dispatcher.ledger, dispatcher.ledger.day()) == {
+        "13900000009": 0,
+        "13900000010": 1,
+        "_total": 1,
+    }
 
 
 def test_reconciler_re_enqueues_an_overdue_message_once(client, account, clock) -> None:
@@ -239,3 +245,63 @@ def test_reconciler_re_enqueues_an_overdue_message_once(client, account, clock) 
     assert client.get(lock) == "another-sweeper"  # not released by us
     client.delete(lock)
     assert reconciler.sweep() == ["rec"]
+
+
+def test_rate_limiting_waits_and_does_not_use_up_attempts(client, account, clock) -> None:
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        sim.set_faults(rate_limit_rate=1.0)
+        dispatcher = make(client, account, sim.url, clock, max_attempts=2)
+        req = request(["13900000031"])
+        for _ in range(3):  # more rate-limited rounds than attempts: none is used up
+            outcome = dispatcher.run(req, message_id="rl", task_id="t")
+            assert outcome.result is None
+            # The pause Polyv imposes (5 min), capped by SMS_RETRY_BACKOFF_MAX (10 s here).
+            assert outcome.retry_in == 10.0
+            clock.now += outcome.retry_in
+        sim.set_faults(rate_limit_rate=0.0)
+        result = run_until_done(dispatcher, req, "rl", clock)
+    assert result["results"][0]["outcome"] == "accepted"
+    assert result["results"][0]["attempts"] == 1
+
+
+def test_same_message_id_with_other_numbers_is_reconciled_per_task(client, account, clock) -> None:
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        sim.set_faults(fail_numbers={"13900000042": 1})
+        dispatcher = make(client, account, sim.url, clock)
+        first = dispatcher.run(
+            request(["13900000041"], "shared"), message_id="shared", task_id="task-1"
+        )
+        assert first.result is not None
+        clock.now += 1
+        second = dispatcher.run(
+            request(["13900000042"], "shared"), message_id="shared", task_id="task-2"
+        )
+        assert second.result is None  # status 11: waiting for its retry
+        enqueued: list[tuple[str, str, dict[str, Any]]] = []
+        reconciler = Reconciler(dispatcher.ledger, lambda *a: enqueued.append(a), interval_s=5)
+        clock.now += 300
+        assert reconciler.sweep() == ["shared"]
+        # Only the task whose numbers are still pending comes back, with its own numbers.
+        assert [(m, t, k["phone_numbers"]) for m, t, k in enqueued] == [
+            ("shared", "task-2", ["13900000042"])
+        ]
+        result = run_until_done(dispatcher, request(["13900000042"], "shared"), "shared", clock)
+    assert result["results"][0]["outcome"] == "accepted"
+
+
+def test_a_broken_record_does_not_block_the_reconciler(client, account, clock) -> None:
+    with PolyvSimulator(account[0], account[1], clock=clock) as sim:
+        sim.set_faults(fail_numbers={"13900000051": 1, "13900000052": 1})
+        dispatcher = make(client, account, sim.url, clock)
+        for message_id, number in (("broken", "13900000051"), ("fine", "13900000052")):
+            outcome = dispatcher.run(
+                request([number], message_id), message_id=message_id, task_id=f"task-{message_id}"
+            )
+            assert outcome.result is None
+            clock.now += 1
+    client.hset(dispatcher.ledger.keys.message("broken"), "req:task-broken", "{not json")
+    enqueued: list[tuple[str, str, dict[str, Any]]] = []
+    reconciler = Reconciler(dispatcher.ledger, lambda *a: enqueued.append(a), interval_s=5)
+    clock.now += 300
+    assert reconciler.sweep() == ["fine"]
+    assert [t for _, t, _ in enqueued] == ["task-fine"]

@@ -363,3 +363,62 @@ def test_lua_scripts_ship_in_the_wheel(tmp_path: Path) -> None:
     for script in ("reserve", "settle", "requeue", "_record"):
         assert f"polyv_sms/lua/{script}.lua" in names
     assert "polyv_sms/py.typed" in names
+
+
+def test_rate_limited_attempts_are_given_back(ledger: Ledger) -> None:
+    r = ledger.reserve("m", [A], token="t")
+    assert r.states[0].attempts == 1
+    _, states = ledger.settle(
+        "m", [Settlement(A, "rate_limited", error="qps")], days=days_of(r), token="t", retry_at=0
+    )
+    assert (states[0].state, states[0].attempts) == ("reserved", 0)
+    assert ledger.reserve("m", [A], token="t2").states[0].attempts == 1
+    assert counts(ledger) == {A: 1, "_total": 1}
+
+
+def test_another_runs_live_lease_protects_its_numbers_from_non_final_settles(
+    ledger: Ledger, clock: Clock
+) -> None:
+    r = ledger.reserve("m", [A, B], token="sender")  # "sender" is sending A and B right now
+    _, states = ledger.settle(
+        "m",
+        [Settlement(A, "fail", error="abort"), Settlement(B, "retry", 11, error="11")],
+        days=days_of(r),
+        token="other",
+        retry_at=0,
+    )
+    assert [s.state for s in states] == ["reserved", "reserved"]
+    assert counts(ledger) == {A: 1, B: 1, "_total": 2}
+    # Polyv's final answers are facts and apply whoever reports them.
+    _, states = ledger.settle(
+        "m", [Settlement(A, "accepted", 12, "a^0")], days=days_of(r), token="other", retry_at=0
+    )
+    assert states[0].state == "accepted"
+    # Once the sender's lease has expired, the other run may end B.
+    clock.now += 31
+    _, states = ledger.settle(
+        "m", [Settlement(B, "fail", error="abort")], days=days_of(r), token="other", retry_at=0
+    )
+    assert states[0].state == "failed"
+    assert counts(ledger) == {A: 1, B: 0, "_total": 1}
+
+
+def test_a_full_redis_is_ridden_out_like_an_outage(tmp_path: Path) -> None:
+    import threading
+
+    from helpers import RedisServer
+
+    server = RedisServer(tmp_path / "full").start()
+    try:
+        client = server.client()
+        ledger = make_ledger(client, Clock(), outage_s=10.0)
+        client.config_set("maxmemory", 1)  # every write is refused (noeviction): OOM
+        threading.Timer(0.5, lambda: server.client().config_set("maxmemory", 0)).start()
+        started = time.monotonic()
+        r = ledger.reserve("m", [A], token="t")
+        assert time.monotonic() - started >= 0.4
+        assert r.states[0].state == "send"
+        assert counts(ledger) == {A: 1, "_total": 1}
+        client.close()
+    finally:
+        server.stop()

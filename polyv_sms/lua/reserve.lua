@@ -20,14 +20,17 @@ ARGV[8]  lease token of this run
 ARGV[9]  lease length (ms)
 ARGV[10] score for KEYS[3] if anything is reserved (ms; when the reconciler may step in)
 ARGV[11] message id (member of KEYS[3])
-ARGV[12] meta (JSON) stored once with HSETNX, or ""
-ARGV[13] n: how many valid numbers follow
-ARGV[14] m: how many invalid (number, reason) pairs follow them
-ARGV[15 .. 14+n]           the valid numbers (normalised, 11 digits)
-ARGV[15+n .. 14+n+2m]      invalid number text, reason
+ARGV[12] field of this task's request, "req:<task id>", or "" (nothing to store)
+ARGV[13] the request (JSON), stored once per task with HSETNX
+ARGV[14] n: how many valid numbers follow
+ARGV[15] m: how many invalid (number, reason) pairs follow them
+ARGV[16 .. 15+n]           the valid numbers (normalised, 11 digits)
+ARGV[16+n .. 15+n+2m]      invalid number text, reason
 
 Message record fields:
-  meta          JSON of the request (task id, names, values, numbers) for requeue/reconcile
+  req:<task id> JSON of each task's request (task id, names, values, numbers, created at),
+                for the reconciler and requeue: a message id may be enqueued again by another
+                task with other numbers
   lease         token of the run that holds the pending numbers; lease_until (ms)
   pending       how many numbers are "reserved"
   n:<number>    "state|day|attempts|status|serial|updated_ms|error"
@@ -52,8 +55,8 @@ local phone_limit = tonumber(ARGV[5])
 local account_limit = tonumber(ARGV[6])
 local max_attempts = tonumber(ARGV[7])
 local token = ARGV[8]
-local n = tonumber(ARGV[13])
-local m = tonumber(ARGV[14])
+local n = tonumber(ARGV[14])
+local m = tonumber(ARGV[15])
 
 local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending')
 local holder = head[1]
@@ -65,7 +68,7 @@ if holder and holder ~= token then
 end
 
 if ARGV[12] ~= '' then
-  redis.call('HSETNX', msg, 'meta', ARGV[12])
+  redis.call('HSETNX', msg, ARGV[12], ARGV[13])
 end
 
 -- The records of every number asked about, and today's counts of the valid ones (plus the
@@ -73,11 +76,11 @@ end
 local records, counts = {}, {}
 do
   local fields, numbers = {}, {'_total'}
-  for i = 15, 14 + n do
+  for i = 16, 15 + n do
     fields[#fields + 1] = 'n:' .. ARGV[i]
     numbers[#numbers + 1] = ARGV[i]
   end
-  for i = 15 + n, 14 + n + 2 * m, 2 do
+  for i = 16 + n, 15 + n + 2 * m, 2 do
     fields[#fields + 1] = 'n:' .. ARGV[i]
   end
   local stored = hmget(msg, fields)
@@ -106,7 +109,7 @@ local used = tonumber(counts['_total'] or '0')
 local taken, sends = 0, 0
 local pending = tonumber(head[3] or '0')
 
-for i = 15, 14 + n do
+for i = 16, 15 + n do
   local number = ARGV[i]
   local field = 'n:' .. number
   local current = records[field]
@@ -158,7 +161,7 @@ for i = 15, 14 + n do
   end
 end
 
-for i = 15 + n, 14 + n + 2 * m, 2 do
+for i = 16 + n, 15 + n + 2 * m, 2 do
   local number, reason = ARGV[i], ARGV[i + 1]
   local field = 'n:' .. number
   local current = records[field]

@@ -34,6 +34,12 @@ Actions:
   retry_keep  like retry, but the unit is kept when it ends failed (Polyv may have sent it)
   fail        final "failed", unit refunded, dead set (a Polyv error envelope)
   fail_keep   final "failed", unit kept, dead set (an answer we cannot interpret)
+  rate_limited Polyv's rate limiting: stays "reserved" and the attempt is given back (Polyv
+              blocks the IP for minutes; that must not use up the number's attempts)
+
+While another run holds a live lease on the message, only Polyv's final answers (accepted,
+invalid, quota) change its reserved numbers: that run is sending them, and a failure this run
+saw (a Polyv error envelope for other numbers, a give-up) must not end them under it.
 
 Returns {pending, then per number, in order: its n:<number> field as it now is}
 ("state|day|attempts|status|serial|updated|error").
@@ -65,8 +71,10 @@ local function refund(quota, number)
 end
 
 local out = {''}
-local head = redis.call('HMGET', msg, 'pending', 'lease')
+local head = redis.call('HMGET', msg, 'pending', 'lease', 'lease_until')
 local pending = tonumber(head[1] or '0')
+local foreign = head[2] and head[2] ~= ARGV[2] and tonumber(head[3] or '0') > tonumber(now)
+local FACTS = {accepted = true, invalid = true, quota = true}
 local failed = false
 
 -- The records of all the numbers, read once; every record write goes in one HSET at the end.
@@ -97,7 +105,7 @@ for i = 9, 8 + 3 * k, 3 do
   local held = state == 'reserved'
   local new_state = state
 
-  if state == 'reserved' or state == 'absent' then
+  if (state == 'reserved' and not (foreign and not FACTS[action])) or state == 'absent' then
     if action == 'accepted' then
       new_state = 'accepted'
       if receipt_i > 0 and serial ~= '' then
@@ -129,6 +137,13 @@ for i = 9, 8 + 3 * k, 3 do
         new_state = 'failed'
         if held and action == 'retry' then refund(quota, number) end
         err = err .. ' (gave up after ' .. attempts .. ' attempts)'
+      end
+    elseif action == 'rate_limited' then
+      if held then
+        new_state = 'reserved'
+        attempts = math.max(attempts - 1, 0)
+      else
+        new_state = 'failed'
       end
     elseif action == 'fail' or action == 'fail_keep' then
       new_state = 'failed'
