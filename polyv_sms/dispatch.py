@@ -10,7 +10,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -300,12 +300,8 @@ class Dispatcher:
         """After a Polyv error envelope, end the numbers not sent yet ``failed``."""
         assert run.abort is not None
         known = self.ledger.peek(run.message_id, numbers)
-        days = {n: s.day for n, s in known.items() if s.state == "reserved"}
         items = [Settlement(n, "fail", error=str(run.abort)) for n in numbers]
-        _, settled = self.ledger.settle(
-            run.message_id, items, days=days, token=run.token, retry_at=self.clock()
-        )
-        run.states.update((s.number, s) for s in settled)
+        self._settle_unsent(run, items, known)
 
     def _give_up(self, run: _Run, numbers: Sequence[str], invalid: dict[str, str]) -> None:
         """End the message's pending numbers ``failed`` without sending them again.
@@ -326,11 +322,17 @@ class Dispatcher:
                 items.append(Settlement(number, action, state.status, error=run.give_up))
         run.states.update(known)
         if items:
-            days = {n: s.day for n, s in known.items() if s.state == "reserved"}
-            _, settled = self.ledger.settle(
-                run.message_id, items, days=days, token=run.token, retry_at=self.clock()
-            )
-            run.states.update((s.number, s) for s in settled)
+            self._settle_unsent(run, items, known)
+
+    def _settle_unsent(
+        self, run: _Run, items: Sequence[Settlement], known: Mapping[str, NumberState]
+    ) -> None:
+        """Settle numbers this run did not send; refunds go to their reservation's day."""
+        days = {n: s.day for n, s in known.items() if s.state == "reserved"}
+        _, settled = self.ledger.settle(
+            run.message_id, items, days=days, token=run.token, retry_at=self.clock()
+        )
+        run.states.update((s.number, s) for s in settled)
 
     @staticmethod
     def _count_refusals(states: Sequence[NumberState]) -> None:
