@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import RedisServer, WorkerProcess
+from helpers import RedisServer, WorkerProcess, empty_broker
 
 from polyv_sms.simulator import PolyvSimulator
 
@@ -117,8 +117,4 @@ def start_worker(
     yield start
     for worker in started:
         worker.stop()
-    broker = redis_server.client(0)
-    for key in broker.scan_iter():
-        if not key.startswith("_kombu.binding"):
-            broker.delete(key)
-    broker.close()
+    empty_broker(redis_server)

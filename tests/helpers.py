@@ -17,6 +17,11 @@ from pathlib import Path
 
 import redis
 
+from polyv_sms.config import Settings
+from polyv_sms.ledger import connect_redis
+from polyv_sms.receipts import Receipts
+from polyv_sms.runtime import build_ledger
+
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +112,21 @@ class RedisServer:
         self.stop(kill=kill)
         time.sleep(down_for)
         self.start()
+
+
+def empty_broker(server: RedisServer) -> None:
+    """Drop every queued, unacknowledged or result key of the broker db (keep kombu's bindings:
+    the test process's producer declared its queue once and relies on them)."""
+    with server.client(0) as broker:
+        for key in broker.scan_iter():
+            if not key.startswith("_kombu.binding"):
+                broker.delete(key)
+
+
+def receipts_for(app_id: str, server: RedisServer) -> Receipts:
+    """Look-ups on the ledger of one account in the session's redis-server (db 2)."""
+    settings = Settings.from_env({"POLYV_APP_ID": app_id, "SMS_REDIS_URL": server.url(2)})
+    return Receipts(build_ledger(settings, connect_redis(settings.require_redis_url())))
 
 
 class WorkerProcess:

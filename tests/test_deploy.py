@@ -23,12 +23,10 @@ from pathlib import Path
 
 import pytest
 from conftest import worker_env
-from helpers import ROOT, wait_for
+from helpers import ROOT, empty_broker, receipts_for, wait_for
 
-from polyv_sms import Receipts, send_sms
+from polyv_sms import send_sms
 from polyv_sms.config import Settings
-from polyv_sms.ledger import connect_redis
-from polyv_sms.runtime import build_ledger
 from polyv_sms.worker import celery_config
 
 BIN = Path(sys.executable).parent
@@ -173,17 +171,8 @@ def supervise(account, sim, redis_server) -> Iterator:
     yield start
     for supervisor in started:
         supervisor.close()
-    broker = redis_server.client(0)
-    for key in broker.scan_iter():
-        if not key.startswith("_kombu.binding"):
-            broker.delete(key)
-    broker.close()
+    empty_broker(redis_server)
     shutil.rmtree(temp, ignore_errors=True)
-
-
-def _receipts(account, redis_server) -> Receipts:
-    settings = Settings.from_env({"POLYV_APP_ID": account[0], "SMS_REDIS_URL": redis_server.url(2)})
-    return Receipts(build_ledger(settings, connect_redis(settings.redis_url)))
 
 
 def _in_flight(sim, number: str, supervisor: Supervisor) -> None:
@@ -219,7 +208,7 @@ def test_stops_let_in_flight_sends_finish(supervise, sim, account, redis_server)
     result = first.get(timeout=1)
     assert result["results"][0]["outcome"] == "accepted"
     assert set(supervisor.states().values()) == {"STOPPED"}
-    receipt = _receipts(account, redis_server).receipt(result["results"][0]["serial_no"])
+    receipt = receipts_for(account[0], redis_server).receipt(result["results"][0]["serial_no"])
     assert receipt is not None
     assert receipt["message_id"] == "deploy-stop-1"
     assert sim.received("13900000701") == 1
@@ -272,7 +261,7 @@ def test_a_killed_worker_is_restarted_and_its_message_completes(
     outcome = result["results"][0]
     assert outcome["outcome"] == "accepted"
     assert outcome["attempts"] == 2
-    ledger = _receipts(account, redis_server)
+    ledger = receipts_for(account[0], redis_server)
     assert ledger.receipt(outcome["serial_no"])["message_id"] == "deploy-kill-1"
     assert ledger.phone(number)["today"]["count"] == 1  # the quota unit was not taken twice
     assert wait_for(lambda: set(supervisor.states().values()) == {"RUNNING"}, 20, 0.2)
