@@ -2,6 +2,11 @@
 
 One pooled :class:`requests.Session`; a fresh timestamp and sign for every HTTP request
 (a retry ten minutes later must not reuse a stale one); JSON body; TLS verification on.
+The session's settings (TLS verification, client certificate, proxies from the session and the
+environment) are resolved once, and each request goes straight to the urllib3 connection pool
+requests would use for the URL, with the same options requests passes it: the per-request
+work of ``Session.request`` and of building a ``requests.Response`` (cookies, redirects,
+hooks, header dictionaries) cost more CPU than the rest of a message's own work.
 
 Failures map to :mod:`polyv_sms.errors`:
 
@@ -27,13 +32,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import requests
 import tenacity
+import urllib3
+import urllib3.connectionpool
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 
 from polyv_sms.config import (
     DEFAULT_API_BASE,
@@ -109,6 +116,14 @@ class PolyvResponse:
     request_id: str
     results: tuple[PhoneResult, ...]
     elapsed_s: float = 0.0
+
+
+class _Answer(NamedTuple):
+    """An HTTP answer whose body has been read in full."""
+
+    status: int
+    content_type: str
+    body: bytes
 
 
 class _AnswerCutShort(requests.exceptions.RequestException):
@@ -189,8 +204,22 @@ class PolyvClient:
         }
         if self._own_session:
             session.trust_env = False
-        self._adapter = session.get_adapter(self.url)
-        self._headers = {**session.headers, **_JSON_HEADERS}
+        self._adapter: BaseAdapter = session.get_adapter(self.url)
+        self._headers: dict[str, str] = {
+            key: value.decode("latin-1") if isinstance(value, bytes) else value
+            for key, value in {**session.headers, **_JSON_HEADERS}.items()
+        }
+        self._probe = requests.PreparedRequest()
+        self._probe.prepare(method="POST", url=self.url)
+        self._direct = isinstance(self._adapter, HTTPAdapter)
+        self._target = self._probe.path_url
+        self._retries: urllib3.Retry | None = None
+        if isinstance(self._adapter, HTTPAdapter):
+            # The request target: the path, or the absolute URL through an HTTP proxy.
+            self._target = self._adapter.request_url(self._probe, self._send_options["proxies"])
+            self._retries = self._adapter.max_retries
+        self._urllib3_timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self._pool: urllib3.connectionpool.ConnectionPool | None = None
         self._connect_attempts = connect_attempts
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_connect_error),
@@ -213,6 +242,10 @@ class PolyvClient:
         """Close pooled connections (only a session the client created itself)."""
         if self._own_session:
             self._session.close()
+            # urllib3 2 no longer closes the pools a pool manager lets go: close ours.
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.close()
 
     def signed_query(self) -> dict[str, str]:
         """The query parameters of one request: appId, a fresh timestamp and its sign."""
@@ -282,7 +315,7 @@ class PolyvClient:
         except (PermanentError, PolyvUnavailable, RateLimited, UnexpectedResponse) as exc:
             log.warning(
                 "polyv send refused http=%d numbers=%d [%s] elapsed_ms=%.0f error=%s",
-                http.status_code,
+                http.status,
                 len(phone_numbers),
                 _masked(phone_numbers),
                 elapsed * 1000,
@@ -301,7 +334,7 @@ class PolyvClient:
             )
         return response
 
-    def _post_retrying_connect_errors(self, payload: bytes) -> requests.Response:
+    def _post_retrying_connect_errors(self, payload: bytes) -> _Answer:
         try:
             return self._post(payload)
         except requests.exceptions.RequestException as exc:
@@ -311,27 +344,71 @@ class PolyvClient:
         time.sleep(_FIRST_CONNECT_RETRY_S)
         return self._retrying(self._post, payload)
 
-    def _post(self, payload: bytes) -> requests.Response:
+    def _post(self, payload: bytes) -> _Answer:
+        query = urlencode(self.signed_query())
+        if not self._direct:
+            return self._post_through_adapter(query, payload)
+        target = f"{self._target}?{query}"
+        headers = {**self._headers, "Content-Length": str(len(payload))}
+        pool = self._connection_pool()
+        assert isinstance(pool, urllib3.HTTPConnectionPool)
+        try:
+            # the options requests' HTTPAdapter.send passes
+            raw = pool.urlopen(
+                "POST",
+                target,
+                body=payload,
+                headers=headers,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=False,
+                decode_content=False,
+                retries=self._retries,
+                timeout=self._urllib3_timeout,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _as_requests_error(exc) from exc
+        # Read the whole body here, where a failure is a transport error (the request has
+        # reached the server by now), not later in _parse.
+        try:
+            body = raw.read(decode_content=True)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _AnswerCutShort(_as_requests_body_error(exc)) from exc
+        finally:
+            raw.release_conn()
+        content_type = raw.headers.get("Content-Type") or "no content type"
+        return _Answer(raw.status, content_type, body)
+
+    def _connection_pool(self) -> urllib3.connectionpool.ConnectionPool:
+        """The urllib3 pool requests would use for the URL (looked up once, then kept)."""
+        pool = self._pool
+        if pool is None:
+            adapter = self._adapter
+            assert isinstance(adapter, HTTPAdapter)
+            verify, cert = self._send_options["verify"], self._send_options["cert"]
+            pool = adapter.get_connection_with_tls_context(
+                self._probe, verify, proxies=self._send_options["proxies"], cert=cert
+            )
+            adapter.cert_verify(pool, self.url, verify, cert)  # type: ignore[no-untyped-call]
+            self._pool = pool
+        return pool
+
+    def _post_through_adapter(self, query: str, payload: bytes) -> _Answer:
+        """A session whose adapter for the URL is not requests' own: use it as it is."""
         request = requests.PreparedRequest()
         request.prepare(
-            method="POST",
-            url=f"{self.url}?{urlencode(self.signed_query())}",
-            headers=self._headers,
-            data=payload,
+            method="POST", url=f"{self.url}?{query}", headers=self._headers, data=payload
         )
-        # Straight to the session's pooled adapter: Polyv's answer needs no redirects, cookies
-        # or hooks, and Session.request's merging of them cost more CPU than our ledger calls.
         response = self._adapter.send(
             request, timeout=(self.timeout, self.timeout), **self._send_options
         )
-        # The adapter leaves the body unread: read it here, where a failure is a transport
-        # error (the request has reached the server by now), not later in _parse.
         try:
-            _ = response.content
+            body = response.content
         except requests.exceptions.RequestException as exc:
             response.close()
             raise _AnswerCutShort(exc) from exc
-        return response
+        content_type = response.headers.get("Content-Type") or "no content type"
+        return _Answer(response.status_code, content_type, body)
 
     def _transport_error(self, exc: requests.exceptions.RequestException) -> Exception:
         """Only what provably happened before the request reached Polyv is unambiguous.
@@ -371,19 +448,19 @@ class PolyvClient:
             "Polyv may have sent the SMS"
         )
 
-    def _parse(self, http: requests.Response, elapsed: float) -> PolyvResponse:
-        status = http.status_code
+    def _parse(self, http: _Answer, elapsed: float) -> PolyvResponse:
+        status = http.status
         try:
-            body = http.json()
-        except ValueError:
+            body = json.loads(http.body)
+        except ValueError:  # not JSON, or not UTF-8/16/32 text
             body = None
         if not isinstance(body, dict):
-            kind = http.headers.get("Content-Type", "no content type")
+            kind = http.content_type
             if status >= 500:
                 raise PolyvUnavailable(f"Polyv answered HTTP {status} ({kind})")
             raise UnexpectedResponse(
                 f"Polyv answered HTTP {status} with a body that is not a JSON object "
-                f"({kind}, {len(http.content)} bytes)"
+                f"({kind}, {len(http.body)} bytes)"
             )
         request_id = str(body.get("requestId") or "")
         if status != 200 or body.get("code") != 200 or body.get("success") is False:
@@ -438,6 +515,46 @@ def _parse_entry(entry: object) -> PhoneResult | str:
     if serial is not None and not isinstance(serial, str):
         return "has a serialNo that is not a string"
     return PhoneResult(number, status, serial or None)
+
+
+def _as_requests_error(exc: Exception) -> requests.exceptions.RequestException:
+    """The error requests' ``HTTPAdapter.send`` raises for a urllib3 error of ``urlopen``."""
+    errors = requests.exceptions
+    if isinstance(exc, urllib3.exceptions.MaxRetryError):
+        reason = exc.reason
+        if isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+            reason, urllib3.exceptions.NewConnectionError
+        ):
+            return errors.ConnectTimeout(exc)
+        if isinstance(reason, urllib3.exceptions.ResponseError):
+            return errors.RetryError(exc)
+        if isinstance(reason, urllib3.exceptions.ProxyError):
+            return errors.ProxyError(exc)
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            return errors.SSLError(exc)
+        return errors.ConnectionError(exc)
+    if isinstance(exc, urllib3.exceptions.ProxyError):
+        return errors.ProxyError(exc)
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return errors.SSLError(exc)
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return errors.ReadTimeout(exc)
+    if isinstance(exc, urllib3.exceptions.InvalidHeader):
+        return errors.InvalidHeader(exc)
+    # ProtocolError, ClosedPoolError, OSError and any other urllib3 error
+    return errors.ConnectionError(exc)
+
+
+def _as_requests_body_error(exc: Exception) -> requests.exceptions.RequestException:
+    """The error requests raises for a urllib3 error while reading a body (``iter_content``)."""
+    errors = requests.exceptions
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return errors.ChunkedEncodingError(exc)
+    if isinstance(exc, urllib3.exceptions.DecodeError):
+        return errors.ContentDecodingError(exc)
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return errors.SSLError(exc)
+    return errors.ConnectionError(exc)  # ReadTimeoutError and the rest, as requests does
 
 
 def _is_read_timeout(exc: requests.exceptions.RequestException) -> bool:

@@ -399,3 +399,76 @@ def test_a_data_that_is_not_a_list_has_no_partial_answer() -> None:
         with pytest.raises(UnexpectedResponse, match="no data list") as caught:
             polyv.send([NUMBER], ["code"], ["1"])
     assert caught.value.response is None
+
+
+def test_requests_reuse_one_connection_and_carry_the_json_headers() -> None:
+    seen: list[bytes] = []
+
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        while True:  # keep-alive: one connection, several requests
+            request = read_http_request(conn)
+            if not request:
+                return
+            seen.append(request)
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY)
+
+    with RawServer(answer) as server, PolyvClient("a", "s", server.url) as polyv:
+        for _ in range(3):
+            assert polyv.send([NUMBER], ["code"], ["1"]).results[0].serial_no == "1^0"
+    assert server.connections == 1
+    assert len(seen) == 3
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("POST /live/v4/user/sms/send?appId=a&timestamp=")
+    headers = {name.lower(): value.strip() for name, _, value in (h.partition(":") for h in lines)}
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    assert json.loads(body)["phoneNumbers"] == [NUMBER]
+
+
+def test_close_closes_the_clients_connections() -> None:
+    closed_by_client = threading.Event()
+
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        while read_http_request(conn):
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY)
+        closed_by_client.set()
+
+    with RawServer(answer) as server:
+        polyv = PolyvClient("a", "s", server.url)
+        polyv.send([NUMBER], ["code"], ["1"])
+        assert not closed_by_client.is_set()
+        polyv.close()
+        assert closed_by_client.wait(2)
+
+
+class _CannedAdapter(requests.adapters.BaseAdapter):
+    """A transport adapter that is not requests' own (as test doubles and plug-ins mount)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[requests.PreparedRequest] = []
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: object
+    ) -> requests.Response:
+        self.sent.append(request)
+        response = requests.Response()
+        response.status_code = 200
+        response.headers["Content-Type"] = "application/json"
+        response._content = OK_BODY
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_session_with_another_transport_adapter_is_used_as_it_is() -> None:
+    adapter = _CannedAdapter()
+    with requests.Session() as session:
+        session.mount("https://", adapter)
+        polyv = PolyvClient("a", "s", session=session)
+        assert polyv.send([NUMBER], ["code"], ["1"]).results[0].serial_no == "1^0"
+    [request] = adapter.sent
+    assert str(request.url).startswith("https://api.polyv.net/live/v4/user/sms/send?appId=a&")
+    assert json.loads(request.body or b"")["phoneNumbers"] == [NUMBER]
