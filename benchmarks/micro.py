@@ -167,25 +167,26 @@ def memory(url: str, sizes: tuple[int, ...], messages: int = 50) -> dict[str, An
             last = (message_id, batch)
         message_id, batch = last
         msg_key = keys.message(message_id)
-        receipt_keys = list(client.scan_iter(keys.base + "receipt:*", count=1000))
+        receipts_key = next(client.scan_iter(keys.base + "receipts:*"))
+        phones_key = next(client.scan_iter(keys.base + "phones:*"))
         quota_key = next(client.scan_iter(keys.base + "quota:*"))
-        number = batch[0]
 
         def usage(key: str) -> int:
             return int(client.memory_usage(key, samples=0) or 0)
 
         quota_fields = int(client.hlen(quota_key))
         msg_bytes = usage(msg_key)
-        receipt = usage(receipt_keys[0])
-        phone = usage(keys.phone(number))
+        receipt = usage(receipts_key) / int(client.hlen(receipts_key))
+        phone = usage(phones_key) / int(client.hlen(phones_key))
         quota_per_number = usage(quota_key) / quota_fields
         per_number_msg = msg_bytes / size
         out[str(size)] = {
             "message_hash_bytes": msg_bytes,
             "message_hash_encoding": client.object("encoding", msg_key),
             "message_hash_per_number": per_number_msg,
-            "receipt_hash_bytes": receipt,
-            "phone_zset_bytes": phone,
+            "receipt_bytes": receipt,
+            "receipts_hash_fields": int(client.hlen(receipts_key)),
+            "phone_index_bytes": phone,
             "quota_hash_per_number": quota_per_number,
             "quota_hash_fields": quota_fields,
             "per_accepted_number": per_number_msg + receipt + phone + quota_per_number,

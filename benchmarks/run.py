@@ -337,13 +337,14 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             "",
             "Redis memory (MEMORY USAGE, bytes; per accepted number = message-hash share + "
-            "receipt + phone zset + quota field)",
+            "receipt share of the day's receipts hash + phone-index share + quota field)",
         ]
         for size, row in mem.items():
             lines.append(
                 f"  {size:>3} numbers/message: message hash {row['message_hash_per_number']:.0f}"
-                f"/number ({row['message_hash_encoding']}), receipt {row['receipt_hash_bytes']}, "
-                f"phone zset {row['phone_zset_bytes']}, quota {row['quota_hash_per_number']:.0f}"
+                f"/number ({row['message_hash_encoding']}), receipt {row['receipt_bytes']:.0f}, "
+                f"phone index {row['phone_index_bytes']:.0f}, quota "
+                f"{row['quota_hash_per_number']:.0f}"
                 f"/number => {row['per_accepted_number']:.0f} per accepted number"
             )
     enqueue = report.get("enqueue")

@@ -5,8 +5,10 @@ Redis Cluster slot::
 
     polyv_sms:{appId}:quota:<YYYYMMDD>   hash: a count per number, "_total" for the account
     polyv_sms:{appId}:msg:<message_id>   hash: the message record (see lua/reserve.lua)
-    polyv_sms:{appId}:receipt:<serialNo> hash: number, message id, accepted-at, attempt
-    polyv_sms:{appId}:phone:<number>     zset: that number's serialNos by acceptance time
+    polyv_sms:{appId}:receipts:<YYYYMMDD> hash: the day's receipts, serialNo ->
+                                         "number|message id|accepted at (ms)|attempt|unit day"
+    polyv_sms:{appId}:phones:<YYYYMMDD>  hash: the day's receipts by number, number -> JSON
+                                         array of serialNos in the order accepted
     polyv_sms:{appId}:dead               zset: message ids with numbers that ended failed
     polyv_sms:{appId}:pending            zset: message ids with numbers still reserved, scored
                                          by when the reconciler may re-enqueue them
@@ -14,6 +16,11 @@ Redis Cluster slot::
 ``reserve`` and ``settle`` are one Lua script each, one round trip per Polyv request. Every
 call rides out a short Redis outage (a restart) with a bounded in-place retry, so that a
 settle after Polyv accepted the numbers is not lost.
+
+Receipts live in one hash per day (by acceptance day in the configured time zone), kept until
+the end of that day plus ``SMS_RECEIPT_TTL_DAYS``: a settle of any number of accepted numbers
+writes them with a few commands (a key per receipt and a sorted set per number cost five Redis
+commands per number). Look-ups by serialNo or number read the retained days in one pipeline.
 """
 
 from __future__ import annotations
@@ -122,13 +129,13 @@ class Keys:
         """The record of one message."""
         return f"{self.base}msg:{message_id}"
 
-    def receipt(self, serial_no: str) -> str:
-        """The receipt of one accepted number."""
-        return f"{self.base}receipt:{serial_no}"
+    def receipts(self, day: str) -> str:
+        """The receipts of a day (``YYYYMMDD``), by serialNo."""
+        return f"{self.base}receipts:{day}"
 
-    def phone(self, number: str) -> str:
-        """The receipts of one number, by time."""
-        return f"{self.base}phone:{number}"
+    def phones(self, day: str) -> str:
+        """The serialNos of a day (``YYYYMMDD``), by number."""
+        return f"{self.base}phones:{day}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +254,7 @@ class Ledger:
         self.phone_daily_limit = phone_daily_limit
         self.account_daily_limit = account_daily_limit
         self.max_attempts = max_attempts
+        self.ttl_days = receipt_ttl_days
         self.ttl_s = receipt_ttl_days * 86400
         self.tz = ZoneInfo(timezone)
         self.lease_s = lease_s
@@ -254,6 +262,8 @@ class Ledger:
         self.clock = clock
         self.outage_s = outage_s
         self._expireat: tuple[str, int] = ("", 0)
+        self._receipts_expireat: tuple[str, int] = ("", 0)
+        self._today: tuple[float, float, str] = (0.0, 0.0, "")
         self._reserve = client.register_script(load_script("reserve"))
         self._settle = client.register_script(load_script("settle"))
         self._requeue = client.register_script(load_script("requeue"))
@@ -293,17 +303,46 @@ class Ledger:
     def day(self, now: float | None = None) -> str:
         """The day (``YYYYMMDD`` in the configured time zone) of a moment."""
         moment = self.clock() if now is None else now
-        return datetime.fromtimestamp(moment, self.tz).strftime("%Y%m%d")
+        start, end, day = self._today
+        if start <= moment < end:  # a day is asked for all day: skip the time-zone maths
+            return day
+        local = datetime.fromtimestamp(moment, self.tz)
+        day = local.strftime("%Y%m%d")
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = midnight.timestamp()
+        end = (midnight + timedelta(days=1)).timestamp()
+        if start <= moment < end:  # (a day with a DST jump is simply not cached)
+            self._today = (start, end, day)
+        return day
+
+    def _day_start(self, day: str) -> datetime:
+        return datetime.strptime(day, "%Y%m%d").replace(tzinfo=self.tz)
 
     def day_expireat(self, day: str) -> int:
         """When a day's quota hash expires: the end of that day plus one day of grace."""
         cached_day, cached = self._expireat  # strptime is slow; a day is asked for all day
         if cached_day == day:
             return cached
-        start = datetime.strptime(day, "%Y%m%d").replace(tzinfo=self.tz)
-        expireat = int((start + timedelta(days=2)).timestamp())
+        expireat = int((self._day_start(day) + timedelta(days=2)).timestamp())
         self._expireat = (day, expireat)
         return expireat
+
+    def receipts_expireat(self, day: str) -> int:
+        """When a day's receipts expire: the end of that day plus ``SMS_RECEIPT_TTL_DAYS``."""
+        cached_day, cached = self._receipts_expireat
+        if cached_day == day:
+            return cached
+        expireat = int((self._day_start(day) + timedelta(days=1 + self.ttl_days)).timestamp())
+        self._receipts_expireat = (day, expireat)
+        return expireat
+
+    def receipt_days(self, now: float | None = None) -> list[str]:
+        """The days whose receipts may still be kept, newest first."""
+        moment = self.clock() if now is None else now
+        today = datetime.fromtimestamp(moment, self.tz).date()
+        return [
+            (today - timedelta(days=back)).strftime("%Y%m%d") for back in range(self.ttl_days + 1)
+        ]
 
     def reserve(
         self,
@@ -381,36 +420,43 @@ class Ledger:
             ``(pending, states)``: numbers of the message still reserved, and the state of
             each number settled, in order.
         """
-        now_ms = int(self.clock() * 1000)
-        keys = [self.keys.message(message_id), self.keys.pending, self.keys.dead]
+        now = self.clock()
+        today = self.day(now)
+        keys = [
+            self.keys.message(message_id),
+            self.keys.pending,
+            self.keys.dead,
+            self.keys.receipts(today),
+            self.keys.phones(today),
+        ]
         index: dict[str, int] = {}
-
-        def key_index(key: str) -> int:
-            if key not in index:
-                keys.append(key)
-                index[key] = len(keys)
-            return index[key]
-
         args: list[Any] = [
-            now_ms,
+            int(now * 1000),
             token,
             self.ttl_s,
             self.max_attempts,
             self.phone_daily_limit,
             int((retry_at + self.reconcile_grace_s) * 1000),
             message_id,
+            self.receipts_expireat(today),
             len(items),
         ]
         for item in items:
             day = days.get(item.number)
-            accepted = item.action == "accepted" and item.serial_no
+            quota = 0
+            if day:
+                quota_key = self.keys.quota(day)
+                quota = index.get(quota_key, 0)
+                if not quota:
+                    keys.append(quota_key)
+                    quota = index[quota_key] = len(keys)
             status = "" if item.status is None else item.status
-            quota = key_index(self.keys.quota(day)) if day else 0
-            receipt = key_index(self.keys.receipt(item.serial_no or "")) if accepted else 0
-            phone = key_index(self.keys.phone(item.number)) if accepted else 0
-            # Three values per number, not eight: redis-py packs each value on its own.
-            spec = f"{item.action}|{status}|{quota}|{receipt}|{phone}|{item.error}"
-            args += [item.number, item.serial_no or "", spec]
+            # Three values per number, not six: redis-py packs each value on its own.
+            args += [
+                item.number,
+                item.serial_no or "",
+                f"{item.action}|{status}|{quota}|{item.error}",
+            ]
         reply = self.call(self._settle, keys=keys, args=args)
         return int(reply[0]), _states((item.number for item in items), reply[1:])
 

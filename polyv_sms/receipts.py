@@ -12,6 +12,8 @@ needed, never the secret::
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -26,6 +28,20 @@ def _iso(ms: float | str | None) -> str | None:
     if ms in (None, ""):
         return None
     return datetime.fromtimestamp(float(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _receipt(serial_no: str, value: str) -> dict[str, Any]:
+    """A receipt from its value in the day's hash: ``number|message id|ms|attempt|day``."""
+    number, rest = value.split("|", 1)
+    message_id, accepted_at, attempt, day = rest.rsplit("|", 3)  # the id may hold "|"
+    return {
+        "serial_no": serial_no,
+        "phone_number": number,
+        "message_id": message_id,
+        "accepted_at": _iso(accepted_at),
+        "attempt": int(attempt or 0),
+        "day": day,
+    }
 
 
 class Receipts:
@@ -107,29 +123,50 @@ class Receipts:
             "counts": counts,
         }
 
+    def _each_day(self, key_of_day: Callable[[str], str], field: str) -> list[tuple[str, str]]:
+        """``HGET key_of_day(day) field`` for every retained day, newest first, in one round
+        trip; the days that have a value, with it."""
+        ledger = self.ledger
+        days = ledger.receipt_days()
+
+        def read() -> list[str | None]:
+            pipe = ledger.redis.pipeline(transaction=False)
+            for day in days:
+                pipe.hget(key_of_day(day), field)
+            return cast(list[str | None], pipe.execute())
+
+        values = ledger.call(read)
+        return [(day, value) for day, value in zip(days, values, strict=True) if value is not None]
+
     def receipt(self, serial_no: str) -> dict[str, Any] | None:
         """One receipt: number, message id, when it was accepted, on which attempt."""
-        record = self._hash(self.ledger.keys.receipt(serial_no))
-        if not record:
+        found = self._each_day(self.ledger.keys.receipts, serial_no)
+        if not found:
             return None
-        return {
-            "serial_no": record.get("serial_no", serial_no),
-            "phone_number": record.get("phone_number"),
-            "message_id": record.get("message_id"),
-            "accepted_at": _iso(record.get("accepted_at")),
-            "attempt": int(record.get("attempt") or 0),
-            "day": record.get("day"),
-        }
+        return _receipt(serial_no, found[0][1])
 
     def phone(self, number: str, limit: int = 20) -> dict[str, Any]:
         """A number's latest receipts (newest first) and today's count against its limit."""
         ledger = self.ledger
         normalised = check_phone(number).number or number
-        serials = self._newest(ledger.keys.phone(normalised), limit)
-        receipts = []
-        for serial, _score in serials:
-            found = self.receipt(serial)
-            receipts.append(found or {"serial_no": serial, "expired": True})
+        wanted: list[tuple[str, str]] = []  # (day, serialNo), newest first
+        for day, serials in self._each_day(ledger.keys.phones, normalised):
+            wanted += [(day, serial) for serial in reversed(json.loads(serials))]
+            if len(wanted) >= limit:
+                break
+        wanted = wanted[:limit]
+
+        def read() -> list[str | None]:
+            pipe = ledger.redis.pipeline(transaction=False)
+            for day, serial in wanted:
+                pipe.hget(ledger.keys.receipts(day), serial)
+            return cast(list[str | None], pipe.execute())
+
+        values = ledger.call(read) if wanted else []
+        receipts = [
+            _receipt(serial, value) if value else {"serial_no": serial, "expired": True}
+            for (_, serial), value in zip(wanted, values, strict=True)
+        ]
         day = ledger.day()
         used = ledger.call(ledger.redis.hget, ledger.keys.quota(day), normalised)
         return {

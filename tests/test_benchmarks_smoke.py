@@ -33,8 +33,8 @@ def test_in_process_sections_report_and_render(tmp_path: Path) -> None:
     assert row["reserve_settle_us"] > 0
     assert row["ping_us"] > 0
     assert row["commands_in_scripts_per_message"] > 0
-    assert memory["3"]["receipt_hash_bytes"] > 0
-    assert memory["3"]["phone_zset_bytes"] > 0
+    assert memory["3"]["receipt_bytes"] > 0
+    assert memory["3"]["phone_index_bytes"] > 0
 
     report = {
         "started": "now",

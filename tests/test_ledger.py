@@ -5,6 +5,7 @@ Each test runs on both backends; the real one is the session's private redis-ser
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 import zipfile
@@ -19,6 +20,7 @@ import redis
 from redis.crc import key_slot
 
 from polyv_sms.ledger import Ledger, Settlement, load_script
+from polyv_sms.receipts import Receipts
 
 TZ = ZoneInfo("Asia/Shanghai")
 
@@ -145,12 +147,17 @@ def test_accepted_writes_receipt_and_phone_index(ledger: Ledger) -> None:
     )
     assert pending == 0
     assert states[0].state == "accepted"
-    receipt = ledger.redis.hgetall(ledger.keys.receipt("605320356903663783^0"))
-    assert receipt["phone_number"] == A
-    assert receipt["message_id"] == "m"
-    assert receipt["attempt"] == "1"
-    assert ledger.redis.zrange(ledger.keys.phone(A), 0, -1) == ["605320356903663783^0"]
-    assert 0 < ledger.redis.ttl(ledger.keys.receipt("605320356903663783^0")) <= 30 * 86400
+    today = ledger.day()
+    receipts = ledger.keys.receipts(today)
+    number, message_id, accepted_at, attempt, day = ledger.redis.hget(
+        receipts, "605320356903663783^0"
+    ).split("|")
+    assert (number, message_id, attempt, day) == (A, "m", "1", r.states[0].day)
+    assert abs(int(accepted_at) / 1000 - time.time()) < 60
+    assert json.loads(ledger.redis.hget(ledger.keys.phones(today), A)) == ["605320356903663783^0"]
+    # kept until the end of the acceptance day plus SMS_RECEIPT_TTL_DAYS (30 here)
+    for key in (receipts, ledger.keys.phones(today)):
+        assert 30 * 86400 < ledger.redis.ttl(key) <= 31 * 86400
     assert ledger.redis.zscore(ledger.keys.pending, "m") is None
 
 
@@ -321,8 +328,8 @@ def test_every_key_of_an_account_is_in_one_cluster_slot(ledger: Ledger) -> None:
     names = [
         keys.quota("20261128"),
         keys.message("m"),
-        keys.receipt("1^0"),
-        keys.phone(A),
+        keys.receipts("20261128"),
+        keys.phones("20261128"),
         keys.dead,
         keys.pending,
         keys.reconcile_lock,
@@ -422,3 +429,61 @@ def test_a_full_redis_is_ridden_out_like_an_outage(tmp_path: Path) -> None:
         client.close()
     finally:
         server.stop()
+
+
+def accept(ledger: Ledger, message_id: str, number: str, serial: str) -> None:
+    r = ledger.reserve(message_id, [number], token=message_id)
+    ledger.settle(
+        message_id,
+        [Settlement(number, "accepted", 12, serial)],
+        days=days_of(r),
+        token=message_id,
+        retry_at=0,
+    )
+
+
+def test_receipts_are_looked_up_across_the_retained_days(ledger: Ledger, clock: Clock) -> None:
+    receipts = Receipts(ledger)
+    today = clock.now
+    clock.now = today - 2 * 86400
+    accept(ledger, "m-old", A, "old^0")
+    clock.now = today
+    accept(ledger, "m-new", A, "new^0")
+    accept(ledger, "m-other", B, "other^0")
+
+    found = receipts.phone(A)
+    assert [(r["serial_no"], r["message_id"]) for r in found["receipts"]] == [
+        ("new^0", "m-new"),
+        ("old^0", "m-old"),
+    ]
+    assert found["receipts"][1]["day"] == ledger.day(today - 2 * 86400)
+    assert [r["serial_no"] for r in receipts.phone(A, limit=1)["receipts"]] == ["new^0"]
+    assert receipts.receipt("old^0")["phone_number"] == A  # type: ignore[index]
+    assert receipts.receipt("nope^0") is None
+
+    # Thirty days on, the older day is past SMS_RECEIPT_TTL_DAYS: no longer answered.
+    clock.now = today + 30 * 86400
+    assert receipts.receipt("old^0") is None
+    assert receipts.receipt("new^0")["message_id"] == "m-new"  # type: ignore[index]
+    assert [r["serial_no"] for r in receipts.phone(A)["receipts"]] == ["new^0"]
+
+
+def test_one_settle_writes_the_receipts_and_phone_index_of_200_numbers(
+    ledger: Ledger, clock: Clock
+) -> None:
+    numbers = [f"1390000{i:04d}" for i in range(200)]
+    r = make_ledger(ledger.redis, clock, phone_daily_limit=10, account_daily_limit=1000)
+    reservation = r.reserve("m", numbers, token="t")
+    pending, states = r.settle(
+        "m",
+        [Settlement(n, "accepted", 12, f"{i}^0") for i, n in enumerate(numbers)],
+        days=days_of(reservation),
+        token="t",
+        retry_at=0,
+    )
+    assert pending == 0
+    assert all(s.state == "accepted" for s in states)
+    today = r.day()
+    assert r.redis.hlen(r.keys.receipts(today)) == 200
+    assert r.redis.hlen(r.keys.phones(today)) == 200
+    assert Receipts(r).receipt("199^0")["phone_number"] == numbers[199]  # type: ignore[index]

@@ -5,24 +5,26 @@ A number already in a final state is left as it is (settling twice changes nothi
 Refunds go to the quota hash of the day the unit was taken from and never take a counter
 below zero; an expired day is not recreated.
 
-KEYS[1]  polyv_sms:{appId}:msg:<message_id>   hash, the message record (see reserve.lua)
-KEYS[2]  polyv_sms:{appId}:pending            zset, message ids with numbers still reserved
-KEYS[3]  polyv_sms:{appId}:dead               zset, message ids with numbers that ended failed
-KEYS[4..] quota hashes (polyv_sms:{appId}:quota:<day>), receipt hashes
-         (polyv_sms:{appId}:receipt:<serialNo>) and phone zsets (polyv_sms:{appId}:phone:<number>),
-         referred to by index from ARGV
+KEYS[1]  polyv_sms:{appId}:msg:<message_id>        hash, the message record (see reserve.lua)
+KEYS[2]  polyv_sms:{appId}:pending                 zset, message ids with numbers still reserved
+KEYS[3]  polyv_sms:{appId}:dead                    zset, message ids with numbers that ended failed
+KEYS[4]  polyv_sms:{appId}:receipts:<YYYYMMDD>     hash, the day's receipts:
+         serialNo -> "number|message id|accepted at (ms)|attempt|day of the quota unit"
+KEYS[5]  polyv_sms:{appId}:phones:<YYYYMMDD>       hash, the day's receipts by number:
+         number -> JSON array of serialNos, in the order accepted
+KEYS[6..] quota hashes (polyv_sms:{appId}:quota:<day>), referred to by index from ARGV
 
 ARGV[1]  now (ms)
 ARGV[2]  lease token of this run (released if it still holds it)
-ARGV[3]  TTL of the message record, receipts and phone zsets (seconds)
+ARGV[3]  TTL of the message record (seconds)
 ARGV[4]  max attempts per number
 ARGV[5]  per-number daily limit
 ARGV[6]  score for KEYS[2] when numbers stay reserved (ms; when the reconciler may step in)
 ARGV[7]  message id
-ARGV[8]  k: how many numbers follow, 3 fields each:
-         number, serial (or ""),
-         "action|status|quota key index|receipt key index|phone key index|error"
-         (indexes into KEYS; 0 = none; the error is last and may contain "|")
+ARGV[8]  EXPIREAT of KEYS[4] and KEYS[5] (the end of the receipt retention of their day)
+ARGV[9]  k: how many numbers follow, 3 fields each:
+         number, serial (or ""), "action|status|quota key index|error"
+         (the index into KEYS, 0 = none; the error is last and may contain "|")
 
 Actions:
   accepted    status 12: final "accepted", receipt written, unit kept
@@ -44,17 +46,22 @@ saw (a Polyv error envelope for other numbers, a give-up) must not end them unde
 Returns {pending, then per number, in order: its n:<number> field as it now is}
 ("state|day|attempts|status|serial|updated|error").
 
-Cost: the records are read with one HMGET and written with one HSET at the end; per accepted
-number the receipt (HSET, EXPIRE) and the phone index (ZADD, ZREMRANGEBYSCORE, EXPIRE) remain.
+Cost: the records are read with one HMGET and written with one HSET at the end; the receipts
+of all accepted numbers go in one HSET of the day's receipt hash, and the phone index in one
+HMGET and one HSET of the day's phone hash: about a dozen Redis commands whatever the number
+of numbers (refunds on failure paths take two more per number).
 ]]
 
 local msg, pending_set, dead = KEYS[1], KEYS[2], KEYS[3]
+local receipts_key, phones_key = KEYS[4], KEYS[5]
 local now = ARGV[1]
 local ttl = ARGV[3]
 local max_attempts = tonumber(ARGV[4])
 local phone_limit = tonumber(ARGV[5])
 local message_id = ARGV[7]
-local k = tonumber(ARGV[8])
+local k = tonumber(ARGV[9])
+local FIRST = 10
+local LAST = FIRST - 1 + 3 * k
 
 local function decrement(key, field)
   local count = tonumber(redis.call('HGET', key, field) or '0')
@@ -82,18 +89,18 @@ local failed = false
 local records, writes = {}, {}
 do
   local fields = {}
-  for i = 9, 8 + 3 * k, 3 do
+  for i = FIRST, LAST, 3 do
     fields[#fields + 1] = 'n:' .. ARGV[i]
   end
   local stored = hmget(msg, fields)
   for j = 1, #fields do records[fields[j]] = stored[j] end
 end
 
-for i = 9, 8 + 3 * k, 3 do
+local receipts, accepted_numbers, accepted_serials = {}, {}, {}
+for i = FIRST, LAST, 3 do
   local number, serial = ARGV[i], ARGV[i + 1]
-  local action, status, quota_i, receipt_i, phone_i, err =
-    string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-  quota_i, receipt_i, phone_i = tonumber(quota_i), tonumber(receipt_i), tonumber(phone_i)
+  local action, status, quota_i, err = string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  quota_i = tonumber(quota_i)
   local quota = quota_i > 0 and KEYS[quota_i] or nil
   local field = 'n:' .. number
   local current = records[field]
@@ -108,15 +115,12 @@ for i = 9, 8 + 3 * k, 3 do
   if (state == 'reserved' and not (foreign and not FACTS[action])) or state == 'absent' then
     if action == 'accepted' then
       new_state = 'accepted'
-      if receipt_i > 0 and serial ~= '' then
-        redis.call('HSET', KEYS[receipt_i], 'serial_no', serial, 'phone_number', number,
-          'message_id', message_id, 'accepted_at', now, 'attempt', attempts, 'day', d)
-        redis.call('EXPIRE', KEYS[receipt_i], ttl)
-      end
-      if phone_i > 0 and serial ~= '' then
-        redis.call('ZADD', KEYS[phone_i], now, serial)
-        redis.call('ZREMRANGEBYSCORE', KEYS[phone_i], '-inf', '(' .. (tonumber(now) - ttl * 1000))
-        redis.call('EXPIRE', KEYS[phone_i], ttl)
+      if serial ~= '' then
+        receipts[#receipts + 1] = serial
+        receipts[#receipts + 1] = number .. '|' .. message_id .. '|' .. now .. '|' .. attempts
+          .. '|' .. d
+        accepted_numbers[#accepted_numbers + 1] = number
+        accepted_serials[#accepted_serials + 1] = serial
       end
     elseif action == 'invalid' then
       new_state = 'invalid'
@@ -165,6 +169,30 @@ for i = 9, 8 + 3 * k, 3 do
     writes[#writes + 1] = current
   end
   out[#out + 1] = current
+end
+
+if #receipts > 0 then
+  hset(receipts_key, receipts)
+  redis.call('EXPIREAT', receipts_key, ARGV[8])
+  -- The phone index: each number's serialNos of the day, one JSON array per number.
+  local lists = hmget(phones_key, accepted_numbers)
+  local index = {}
+  for j = 1, #accepted_numbers do
+    local number = accepted_numbers[j]
+    local list = index[number]
+    if not list then
+      list = lists[j] and cjson.decode(lists[j]) or {}
+      index[number] = list
+    end
+    list[#list + 1] = accepted_serials[j]
+  end
+  local index_writes = {}
+  for number, list in pairs(index) do
+    index_writes[#index_writes + 1] = number
+    index_writes[#index_writes + 1] = cjson.encode(list)
+  end
+  hset(phones_key, index_writes)
+  redis.call('EXPIREAT', phones_key, ARGV[8])
 end
 
 if pending < 0 then pending = 0 end
