@@ -88,9 +88,8 @@ _SHOWN_MALFORMED = 3
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-@dataclass(frozen=True, slots=True)
-class PhoneResult:
-    """Polyv's answer for one number.
+class PhoneResult(NamedTuple):
+    """Polyv's answer for one number (a named tuple: cheap to build 200 of).
 
     Attributes:
         phone_number: the number as Polyv echoed it.
