@@ -41,6 +41,7 @@ import urllib3
 import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import BaseAdapter, HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from polyv_sms.config import (
     DEFAULT_API_BASE,
@@ -86,6 +87,8 @@ _LOGGED_NUMBERS = 5
 _FIRST_CONNECT_RETRY_S = 0.1
 _SHOWN_MALFORMED = 3
 _JSON_HEADERS = {"Content-Type": "application/json"}
+#: requests' own HTTPAdapter.send: when something patched it (a test double), use it.
+_HTTPADAPTER_SEND = HTTPAdapter.send
 
 
 class PhoneResult(NamedTuple):
@@ -143,7 +146,38 @@ def _is_connect_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
         reason = getattr(exc.args[0], "reason", exc.args[0])
-        return isinstance(reason, urllib3.exceptions.NewConnectionError)
+        return isinstance(
+            reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ClosedPoolError)
+        )
+    return False
+
+
+#: Functions that run before a single byte of the request is written to a TLS connection.
+_TLS_SETUP_FUNCTIONS = frozenset({"do_handshake", "_ssl_wrap_socket_and_match_hostname"})
+
+
+def _in_tls_setup(exc: BaseException) -> bool:
+    """True when a TLS error was raised while the connection was being set up.
+
+    requests (and urllib3) give the same type to a failed handshake and to a broken TLS
+    record after the request went out; only where the underlying error was raised tells
+    them apart, so the chain of causes is searched for a handshake frame.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        error = todo.pop()
+        if id(error) in seen or len(seen) > 20:
+            continue
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name in _TLS_SETUP_FUNCTIONS:
+                return True
+            tb = tb.tb_next
+        linked = [error.__cause__, error.__context__, getattr(error, "reason", None)]
+        linked += [arg for arg in error.args if isinstance(arg, BaseException)]
+        todo += [link for link in linked if isinstance(link, BaseException)]
     return False
 
 
@@ -204,13 +238,18 @@ class PolyvClient:
         if self._own_session:
             session.trust_env = False
         self._adapter: BaseAdapter = session.get_adapter(self.url)
+        merged = CaseInsensitiveDict(session.headers)  # as requests merges them
+        merged.update(_JSON_HEADERS)
+        merged.pop("Content-Length", None)  # each request sets its own
         self._headers: dict[str, str] = {
             key: value.decode("latin-1") if isinstance(value, bytes) else value
-            for key, value in {**session.headers, **_JSON_HEADERS}.items()
+            for key, value in merged.items()
         }
         self._probe = requests.PreparedRequest()
         self._probe.prepare(method="POST", url=self.url)
-        self._direct = isinstance(self._adapter, HTTPAdapter)
+        # Only requests' own adapter is bypassed: a subclass (or a patched send, as test
+        # doubles like `responses` install) is used through its send().
+        self._direct = type(self._adapter) is HTTPAdapter
         self._target = self._probe.path_url
         self._retries: urllib3.Retry | None = None
         if isinstance(self._adapter, HTTPAdapter):
@@ -345,7 +384,7 @@ class PolyvClient:
 
     def _post(self, payload: bytes) -> _Answer:
         query = urlencode(self.signed_query())
-        if not self._direct:
+        if not self._direct or HTTPAdapter.send is not _HTTPADAPTER_SEND:
             return self._post_through_adapter(query, payload)
         target = f"{self._target}?{query}"
         headers = {**self._headers, "Content-Length": str(len(payload))}
@@ -365,6 +404,10 @@ class PolyvClient:
                 retries=self._retries,
                 timeout=self._urllib3_timeout,
             )
+        except urllib3.exceptions.ClosedPoolError as exc:
+            # close() ran while this request waited for a connection: nothing was sent.
+            self._pool = None
+            raise _as_requests_error(exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _as_requests_error(exc) from exc
         # Read the whole body here, where a failure is a transport error (the request has
@@ -430,7 +473,7 @@ class PolyvClient:
         kind = type(exc).__name__
         if _is_connect_error(exc):
             return PolyvUnavailable(f"could not connect to {self.base_url} ({kind})")
-        if isinstance(exc, requests.exceptions.SSLError):
+        if isinstance(exc, requests.exceptions.SSLError) and _in_tls_setup(exc):
             return PolyvUnavailable(f"TLS handshake with {self.base_url} failed ({kind})")
         if _is_read_timeout(exc):
             return AmbiguousSend(
@@ -449,10 +492,7 @@ class PolyvClient:
 
     def _parse(self, http: _Answer, elapsed: float) -> PolyvResponse:
         status = http.status
-        try:
-            body = json.loads(http.body)
-        except ValueError:  # not JSON, or not UTF-8/16/32 text
-            body = None
+        body = _json_body(http)
         if not isinstance(body, dict):
             kind = http.content_type
             if status >= 500:
@@ -514,6 +554,23 @@ def _parse_entry(entry: object) -> PhoneResult | str:
     if serial is not None and not isinstance(serial, str):
         return "has a serialNo that is not a string"
     return PhoneResult(number, status, serial or None)
+
+
+def _json_body(http: _Answer) -> Any:
+    """The answer's JSON, decoded as requests' ``Response.json`` would: with the charset the
+    Content-Type declares, else as UTF-8/16/32; ``None`` when it is not JSON."""
+    charset = None
+    if "charset" in http.content_type.lower():
+        charset = requests.utils.get_encoding_from_headers({"content-type": http.content_type})
+    try:
+        if charset:
+            try:
+                return json.loads(http.body.decode(charset, errors="replace"))
+            except LookupError:  # a charset Python does not know
+                pass
+        return json.loads(http.body)
+    except ValueError:  # not JSON, or not UTF-8/16/32 text
+        return None
 
 
 def _as_requests_error(exc: Exception) -> requests.exceptions.RequestException:

@@ -247,6 +247,7 @@ class CannedServer:
                     {
                         "path": self.path,
                         "headers": dict(self.headers),
+                        "header_lines": list(self.headers.items()),  # repeats included
                         "body": self.rfile.read(length),
                     }
                 )

@@ -472,3 +472,74 @@ def test_a_session_with_another_transport_adapter_is_used_as_it_is() -> None:
     [request] = adapter.sent
     assert str(request.url).startswith("https://api.polyv.net/live/v4/user/sms/send?appId=a&")
     assert json.loads(request.body or b"")["phoneNumbers"] == [NUMBER]
+
+
+def test_a_tls_error_after_the_request_before_the_headers_is_ambiguous(tmp_path: Path) -> None:
+    # The handshake worked and the request went out: Polyv may have sent the SMS, so this must
+    # not be taken for a failed handshake (which is retried as "never sent").
+    context, cert = self_signed_tls(tmp_path)
+
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        # raw bytes under the TLS layer: an application-data record that fails to decrypt
+        socket.socket.sendall(conn, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        server.stopped.wait(5)
+
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(cert)
+    with (
+        session,
+        RawServer(answer, tls=context) as server,
+        PolyvClient("a", "s", server.url, session=session, timeout=2.0) as polyv,
+    ):
+        with pytest.raises(AmbiguousSend, match="SSLError"):
+            polyv.send([NUMBER], ["code"], ["1"])
+    assert server.connections == 1  # not retried in place
+
+
+def test_a_pool_closed_before_sending_is_unavailable_not_ambiguous() -> None:
+    with CannedServer(200, OK_BODY) as server, requests.Session() as session:
+        polyv = PolyvClient("a", "s", server.url, session=session, connect_attempts=1)
+        verify = session.merge_environment_settings(server.url, {}, None, None, None)["verify"]
+        probe = requests.Request("POST", server.url).prepare()
+        pool = session.get_adapter(server.url).get_connection_with_tls_context(probe, verify)
+        pool.close()  # the pool the client sends on, closed before the request
+        with pytest.raises(PolyvUnavailable, match="could not connect"):
+            polyv.send([NUMBER], ["code"], ["1"])
+    assert server.requests == []
+
+
+def test_an_httpadapter_subclass_on_the_session_is_used_as_it_is() -> None:
+    class Tagging(requests.adapters.HTTPAdapter):
+        def add_headers(self, request: requests.PreparedRequest, **kwargs: object) -> None:
+            request.headers["X-Tag"] = "ours"
+
+    with CannedServer(200, OK_BODY) as server, requests.Session() as session:
+        session.mount("http://", Tagging())
+        PolyvClient("a", "s", server.url, session=session).send([NUMBER], ["code"], ["1"])
+    [request] = server.requests
+    assert request["headers"]["X-Tag"] == "ours"  # type: ignore[index]
+
+
+def test_session_headers_merge_case_insensitively() -> None:
+    with CannedServer(200, OK_BODY) as server, requests.Session() as session:
+        session.headers["content-type"] = "text/plain"
+        session.headers["user-agent"] = "our-app/1"
+        PolyvClient("a", "s", server.url, session=session).send([NUMBER], ["code"], ["1"])
+    [request] = server.requests
+    lines = [(name.lower(), value) for name, value in request["header_lines"]]  # type: ignore[attr-defined]
+    assert [v for n, v in lines if n == "content-type"] == ["application/json"]
+    assert [v for n, v in lines if n == "user-agent"] == ["our-app/1"]
+
+
+def test_an_answer_in_a_declared_charset_is_decoded_with_it() -> None:
+    envelope = {"code": 400, "status": "error", "requestId": "r"}
+    envelope["error"] = {"code": 1, "desc": "签名错误"}  # "bad sign", in GBK below
+    body = json.dumps(envelope, ensure_ascii=False).encode("gbk")
+    with (
+        CannedServer(400, body, "application/json; charset=GBK") as server,
+        PolyvClient("a", "s", server.url) as polyv,
+    ):
+        with pytest.raises(PermanentError, match="签名错误"):
+            polyv.send([NUMBER], ["code"], ["1"])

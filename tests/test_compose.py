@@ -60,6 +60,7 @@ def test_redis_keeps_data_and_never_evicts(compose) -> None:
     flags = dict(zip(command[1::2], command[2::2], strict=True))
     assert flags["--appendonly"] == "yes"
     assert flags["--maxmemory-policy"] == "noeviction"
+    assert flags["--lazyfree-lazy-expire"] == "yes"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
     assert redis["volumes"][0].split(":")[0] in compose["volumes"]
 

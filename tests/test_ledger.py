@@ -487,3 +487,13 @@ def test_one_settle_writes_the_receipts_and_phone_index_of_200_numbers(
     assert r.redis.hlen(r.keys.receipts(today)) == 200
     assert r.redis.hlen(r.keys.phones(today)) == 200
     assert Receipts(r).receipt("199^0")["phone_number"] == numbers[199]  # type: ignore[index]
+
+
+def test_settling_an_acceptance_again_does_not_repeat_it_in_the_phone_index(
+    ledger: Ledger,
+) -> None:
+    accept(ledger, "m", A, "s1^0")
+    ledger.redis.delete(ledger.keys.message("m"))  # the record is gone (expired, say)
+    ledger.settle("m", [Settlement(A, "accepted", 12, "s1^0")], days={}, token="m", retry_at=0)
+    assert json.loads(ledger.redis.hget(ledger.keys.phones(ledger.day()), A)) == ["s1^0"]
+    assert [r["serial_no"] for r in Receipts(ledger).phone(A)["receipts"]] == ["s1^0"]

@@ -184,7 +184,13 @@ if #receipts > 0 then
       list = lists[j] and cjson.decode(lists[j]) or {}
       index[number] = list
     end
-    list[#list + 1] = accepted_serials[j]
+    local serial, known = accepted_serials[j], false
+    for _, listed in ipairs(list) do
+      if listed == serial then known = true end
+    end
+    if not known then  -- a replayed settle of a number whose record had gone adds nothing
+      list[#list + 1] = serial
+    end
   end
   local index_writes = {}
   for number, list in pairs(index) do
