@@ -142,7 +142,9 @@ class _AnswerCutShort(requests.exceptions.RequestException):
 
 def _is_connect_error(exc: BaseException) -> bool:
     """True when the request provably never reached the server."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
+        # urllib3 gives a ProxyError only before the connection to the proxy (or the tunnel
+        # through it) is up: no byte of the request has left.
         return True
     if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
         reason = getattr(exc.args[0], "reason", exc.args[0])
@@ -334,20 +336,23 @@ class PolyvClient:
         }
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         started = time.perf_counter()
+        failure: Exception | None = None
         try:
             http = self._post_retrying_connect_errors(payload)
         except requests.exceptions.RequestException as exc:
-            elapsed = time.perf_counter() - started
-            error = self._transport_error(exc)
+            failure = self._transport_error(exc)
+        elapsed = time.perf_counter() - started
+        if failure is not None:
             log.warning(
                 "polyv send failed numbers=%d [%s] elapsed_ms=%.0f error=%s",
                 len(phone_numbers),
                 _masked(phone_numbers),
                 elapsed * 1000,
-                error,
+                failure,
             )
-            raise error from None
-        elapsed = time.perf_counter() - started
+            # Raised outside the except block: the requests error (its text quotes the signed
+            # URL) must not ride along as __context__ into error trackers or task results.
+            raise failure
         try:
             response = self._parse(http, elapsed)
         except (PermanentError, PolyvUnavailable, RateLimited, UnexpectedResponse) as exc:

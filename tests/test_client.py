@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,6 +154,26 @@ def test_dropped_connection_is_ambiguous(client: PolyvClient, sim: PolyvSimulato
     sim.set_faults(drop_rate=1.0)
     with pytest.raises(AmbiguousSend):
         client.send([NUMBER], ["code"], ["1"])
+
+
+@pytest.mark.parametrize("fault", ["drop", "refused"])
+def test_transport_errors_carry_no_signed_url_in_their_chain(
+    sim: PolyvSimulator, account: tuple[str, str], fault: str
+) -> None:
+    # requests' and urllib3's errors quote the full URL, sign included; an error tracker or a
+    # logged traceback shows the whole chain (__cause__ and __context__), not only str().
+    url = sim.url if fault == "drop" else f"http://127.0.0.1:{free_port()}"
+    sim.set_faults(drop_rate=1.0)
+    with (
+        PolyvClient(account[0], account[1], url, connect_attempts=1) as polyv,
+        pytest.raises(PolyvUnavailable) as caught,
+    ):
+        polyv.send([NUMBER], ["code"], ["1"])
+    shown = "".join(traceback.format_exception(caught.value))
+    assert "sign=" not in shown
+    assert account[1] not in shown
+    assert caught.value.__cause__ is None
+    assert caught.value.__context__ is None
 
 
 def test_rate_limiting_is_transient(client: PolyvClient, sim: PolyvSimulator) -> None:
@@ -543,3 +564,32 @@ def test_an_answer_in_a_declared_charset_is_decoded_with_it() -> None:
     ):
         with pytest.raises(PermanentError, match="签名错误"):
             polyv.send([NUMBER], ["code"], ["1"])
+
+
+def test_a_proxy_that_cannot_be_reached_is_unavailable_not_ambiguous(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with PolyvClient("a", "s", "http://polyv.invalid", connect_attempts=2) as polyv:
+        with pytest.raises(PolyvUnavailable, match=r"could not connect.*ProxyError") as caught:
+            polyv.send([NUMBER], ["code"], ["1"])
+    assert not isinstance(caught.value, AmbiguousSend)
+
+
+def test_a_proxy_refusing_the_tunnel_is_unavailable_not_ambiguous(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)  # CONNECT polyv.invalid:443
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    with RawServer(refuse) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with PolyvClient("a", "s", "https://polyv.invalid", connect_attempts=1) as polyv:
+            with pytest.raises(PolyvUnavailable, match=r"could not connect.*ProxyError") as caught:
+                polyv.send([NUMBER], ["code"], ["1"])
+    assert not isinstance(caught.value, AmbiguousSend)
