@@ -409,11 +409,9 @@ class PolyvClient:
                 retries=self._retries,
                 timeout=self._urllib3_timeout,
             )
-        except urllib3.exceptions.ClosedPoolError as exc:
-            # close() ran while this request waited for a connection: nothing was sent.
-            self._pool = None
-            raise _as_requests_error(exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if isinstance(exc, urllib3.exceptions.ClosedPoolError):
+                self._pool = None  # close() ran meanwhile: nothing was sent; fetch it anew
             raise _as_requests_error(exc) from exc
         # Read the whole body here, where a failure is a transport error (the request has
         # reached the server by now), not later in _parse.

@@ -25,6 +25,7 @@ commands per number). Look-ups by serialNo or number read the retained days in o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -194,6 +195,13 @@ class Settlement(NamedTuple):
     error: str = ""
 
 
+@functools.lru_cache(maxsize=16)  # strptime is slow, and a day is asked for all day
+def _days_after(tz: ZoneInfo, day: str, days: int) -> int:
+    """The start of ``day`` (``YYYYMMDD`` in ``tz``) plus ``days`` days, in unix seconds."""
+    start = datetime.strptime(day, "%Y%m%d").replace(tzinfo=tz)
+    return int((start + timedelta(days=days)).timestamp())
+
+
 def _states(numbers: Iterable[str], records: Sequence[Any]) -> tuple[NumberState, ...]:
     """Parse the scripts' reply: one ``state|day|attempts|status|serial|updated|error`` string
     per number, in the order asked (redis-py parses each value of a reply on its own: one
@@ -261,8 +269,6 @@ class Ledger:
         self.reconcile_grace_s = reconcile_grace_s
         self.clock = clock
         self.outage_s = outage_s
-        self._expireat: tuple[str, int] = ("", 0)
-        self._receipts_expireat: tuple[str, int] = ("", 0)
         self._today: tuple[float, float, str] = (0.0, 0.0, "")
         self._reserve = client.register_script(load_script("reserve"))
         self._settle = client.register_script(load_script("settle"))
@@ -315,26 +321,13 @@ class Ledger:
             self._today = (start, end, day)
         return day
 
-    def _day_start(self, day: str) -> datetime:
-        return datetime.strptime(day, "%Y%m%d").replace(tzinfo=self.tz)
-
     def day_expireat(self, day: str) -> int:
         """When a day's quota hash expires: the end of that day plus one day of grace."""
-        cached_day, cached = self._expireat  # strptime is slow; a day is asked for all day
-        if cached_day == day:
-            return cached
-        expireat = int((self._day_start(day) + timedelta(days=2)).timestamp())
-        self._expireat = (day, expireat)
-        return expireat
+        return _days_after(self.tz, day, 2)
 
     def receipts_expireat(self, day: str) -> int:
         """When a day's receipts expire: the end of that day plus ``SMS_RECEIPT_TTL_DAYS``."""
-        cached_day, cached = self._receipts_expireat
-        if cached_day == day:
-            return cached
-        expireat = int((self._day_start(day) + timedelta(days=1 + self.ttl_days)).timestamp())
-        self._receipts_expireat = (day, expireat)
-        return expireat
+        return _days_after(self.tz, day, 1 + self.ttl_days)
 
     def receipt_days(self, now: float | None = None) -> list[str]:
         """The days whose receipts may still be kept, newest first."""
