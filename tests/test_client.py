@@ -357,6 +357,18 @@ def test_a_failed_tls_handshake_is_unavailable_not_ambiguous() -> None:
     assert not isinstance(caught.value, AmbiguousSend)
 
 
+#: Raw bytes under the TLS layer: an application-data record that fails to decrypt.
+_BROKEN_TLS_RECORD = b"\x17\x03\x03\x00\x20" + b"\x00" * 32
+
+
+def _session_trusting(cert: Path) -> requests.Session:
+    """A session that trusts only ``cert`` (whatever REQUESTS_CA_BUNDLE says)."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(cert)
+    return session
+
+
 def test_a_tls_error_after_the_headers_is_ambiguous(tmp_path: Path) -> None:
     context, cert = self_signed_tls(tmp_path)
     forge = [False, True]  # first a good answer (the trust set-up works), then a forged record
@@ -368,15 +380,11 @@ def test_a_tls_error_after_the_headers_is_ambiguous(tmp_path: Path) -> None:
             return
         conn.sendall(_head(len(OK_BODY)))
         time.sleep(0.05)
-        # raw bytes under the TLS layer: an application-data record that fails to decrypt
-        socket.socket.sendall(conn, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        socket.socket.sendall(conn, _BROKEN_TLS_RECORD)
         server.stopped.wait(5)
 
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = str(cert)
     with (
-        session,
+        _session_trusting(cert) as session,
         RawServer(answer, tls=context) as server,
         PolyvClient("a", "s", server.url, session=session, timeout=2.0) as polyv,
     ):
@@ -502,15 +510,11 @@ def test_a_tls_error_after_the_request_before_the_headers_is_ambiguous(tmp_path:
 
     def answer(conn: socket.socket, server: RawServer) -> None:
         read_http_request(conn)
-        # raw bytes under the TLS layer: an application-data record that fails to decrypt
-        socket.socket.sendall(conn, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        socket.socket.sendall(conn, _BROKEN_TLS_RECORD)
         server.stopped.wait(5)
 
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = str(cert)
     with (
-        session,
+        _session_trusting(cert) as session,
         RawServer(answer, tls=context) as server,
         PolyvClient("a", "s", server.url, session=session, timeout=2.0) as polyv,
     ):
