@@ -13,7 +13,7 @@ needed, never the secret::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -123,19 +123,23 @@ class Receipts:
             "counts": counts,
         }
 
-    def _each_day(self, key_of_day: Callable[[str], str], field: str) -> list[tuple[str, str]]:
-        """``HGET key_of_day(day) field`` for every retained day, newest first, in one round
-        trip; the days that have a value, with it."""
+    def _hgets(self, lookups: Sequence[tuple[str, str]]) -> list[str | None]:
+        """``HGET key field`` for each ``(key, field)``, in one pipelined round trip."""
         ledger = self.ledger
-        days = ledger.receipt_days()
 
         def read() -> list[str | None]:
             pipe = ledger.redis.pipeline(transaction=False)
-            for day in days:
-                pipe.hget(key_of_day(day), field)
+            for key, field in lookups:
+                pipe.hget(key, field)
             return cast(list[str | None], pipe.execute())
 
-        values = ledger.call(read)
+        return ledger.call(read) if lookups else []
+
+    def _each_day(self, key_of_day: Callable[[str], str], field: str) -> list[tuple[str, str]]:
+        """``field`` of ``key_of_day(day)`` for every retained day, newest first: the days that
+        have a value, with it."""
+        days = self.ledger.receipt_days()
+        values = self._hgets([(key_of_day(day), field) for day in days])
         return [(day, value) for day, value in zip(days, values, strict=True) if value is not None]
 
     def receipt(self, serial_no: str) -> dict[str, Any] | None:
@@ -155,14 +159,7 @@ class Receipts:
             if len(wanted) >= limit:
                 break
         wanted = wanted[:limit]
-
-        def read() -> list[str | None]:
-            pipe = ledger.redis.pipeline(transaction=False)
-            for day, serial in wanted:
-                pipe.hget(ledger.keys.receipts(day), serial)
-            return cast(list[str | None], pipe.execute())
-
-        values = ledger.call(read) if wanted else []
+        values = self._hgets([(ledger.keys.receipts(day), serial) for day, serial in wanted])
         receipts = [
             _receipt(serial, value) if value else {"serial_no": serial, "expired": True}
             for (_, serial), value in zip(wanted, values, strict=True)
