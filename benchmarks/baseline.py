@@ -3,8 +3,8 @@
 It is what ``polyv_sms.send_sms`` would be without validation, ledger, receipts, retries, logs
 and metrics: the same broker and result backend, the same serializer, ``acks_late``,
 ``reject_on_worker_lost`` and prefetch settings, the same threads pool and concurrency, and the
-same request (a fresh timestamp signed with :func:`polyv_sms.signing.sign`, the same JSON body,
-a pooled :class:`requests.Session` with the same pool size and timeout).
+same request (a fresh timestamp signed with :func:`polyv_sms.polyv.signing.sign`, the same
+JSON body, a pooled :class:`requests.Session` with the same pool size and timeout).
 
 Run it as ``celery -A benchmarks.baseline worker -Q bench_baseline -P threads -c N`` with the
 environment of a polyv-sms worker (``POLYV_APP_ID``, ``POLYV_APP_SECRET``, ``POLYV_API_BASE``,
@@ -22,8 +22,8 @@ import requests
 from celery import Celery
 from requests.adapters import HTTPAdapter
 
-from polyv_sms.client import SEND_PATH
-from polyv_sms.signing import sign
+from polyv_sms.polyv.client import SEND_PATH
+from polyv_sms.polyv.signing import sign
 
 QUEUE = "bench_baseline"
 TASK_NAME = "benchmarks.baseline.send"

@@ -151,7 +151,7 @@ class RedisServer:
 
 
 class SimulatorProcess:
-    """The Polyv simulator (:class:`polyv_sms.simulator.PolyvSimulator`) in a subprocess,
+    """The Polyv simulator (:class:`polyv_sms.polyv.simulator.PolyvSimulator`) in a subprocess,
     driven through its control endpoints (``/_sim/faults``, ``/_sim/reset``, ``/_sim/stats``).
     """
 

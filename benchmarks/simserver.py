@@ -1,4 +1,4 @@
-"""Serve :class:`polyv_sms.simulator.PolyvSimulator` in its own process for a benchmark run.
+"""Serve :class:`polyv_sms.polyv.simulator.PolyvSimulator` in its own process for a benchmark run.
 
 Reads ``BENCH_SIM_APP_ID``, ``BENCH_SIM_SECRET`` and ``BENCH_SIM_PORT``. The daily limits are
 set far above anything a run sends, so that every answer is status 12 unless faults are set.
@@ -12,7 +12,7 @@ import signal
 import sys
 from types import FrameType
 
-from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.polyv.simulator import PolyvSimulator
 
 UNLIMITED = 10**12
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from polyv_sms.client import PhoneResult, PolyvClient, PolyvResponse
 from polyv_sms.config import Settings
 from polyv_sms.errors import (
     ConfigError,
@@ -19,8 +18,9 @@ from polyv_sms.errors import (
     SmsError,
     TransientError,
 )
-from polyv_sms.receipts import Receipts
-from polyv_sms.signing import sign
+from polyv_sms.ledger.receipts import Receipts
+from polyv_sms.polyv.client import PhoneResult, PolyvClient, PolyvResponse
+from polyv_sms.polyv.signing import sign
 
 if TYPE_CHECKING:
     from polyv_sms.tasks import send_sms

@@ -7,7 +7,7 @@ import os
 import threading
 
 from polyv_sms import metrics
-from polyv_sms.reconcile import Reconciler
+from polyv_sms.ledger.reconcile import Enqueue, Reconciler
 from polyv_sms.runtime import get_runtime
 
 __all__ = ["start", "stop"]
@@ -20,8 +20,13 @@ _reconciler: Reconciler | None = None
 WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
 
 
-def start() -> None:
-    """Start the reconciler and, when ``SMS_METRICS_PORT`` is set, the metrics endpoint."""
+def start(enqueue_again: Enqueue) -> None:
+    """Start the reconciler and, when ``SMS_METRICS_PORT`` is set, the metrics endpoint.
+
+    Args:
+        enqueue_again: how the reconciler puts a message back on the broker (the task module
+            hands its own in, so that this module does not import Celery's task).
+    """
     global _reconciler  # noqa: PLW0603 - one per worker process
     runtime = get_runtime()
     settings = runtime.settings
@@ -42,8 +47,6 @@ def start() -> None:
                 # Sending matters more than metrics: keep the worker (and the reconciler) up.
                 log.error("metrics: cannot listen on port %d (%s); no metrics served", port, exc)
         if _reconciler is None and settings.reconcile_interval_s > 0:
-            from polyv_sms.tasks import enqueue_again  # noqa: PLC0415 - avoids an import cycle
-
             _reconciler = Reconciler(
                 runtime.ledger, enqueue_again, interval_s=settings.reconcile_interval_s
             )

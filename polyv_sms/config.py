@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_ACCOUNT_DAILY_LIMIT",
     "DEFAULT_API_BASE",
     "DEFAULT_BROKER_URL",
+    "DEFAULT_CONNECT_RETRY_BUDGET_S",
     "DEFAULT_HTTP_TIMEOUT_S",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_PHONE_DAILY_LIMIT",
@@ -32,6 +33,7 @@ __all__ = [
     "POLYV_MAX_NUMBERS_PER_REQUEST",
     "Secret",
     "Settings",
+    "exchange_deadline_s",
 ]
 
 DEFAULT_API_BASE = "https://api.polyv.net"
@@ -51,6 +53,14 @@ DEFAULT_RECONCILE_GRACE_S = 120.0
 DEFAULT_WORKER_CONCURRENCY = 16
 #: Polyv refuses more than this many numbers in one request.
 POLYV_MAX_NUMBERS_PER_REQUEST = 200
+#: In-place retries of a connection that never reached Polyv take at most this long together.
+DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
+
+
+def exchange_deadline_s(http_timeout_s: float) -> float:
+    """The wall-clock bound on one Polyv exchange: DNS, connect (with its in-place retries),
+    sending the request and every byte of the answer. A lease must outlive it."""
+    return 2 * http_timeout_s + DEFAULT_CONNECT_RETRY_BUDGET_S
 
 
 class Secret:
@@ -294,14 +304,18 @@ class Settings:
         """Hard limit for one run of the task: every chunk's HTTP call at its worst, plus
         the ledger's outage budget, plus a margin."""
         chunks = math.ceil(self.account_daily_limit / POLYV_MAX_NUMBERS_PER_REQUEST)
-        worst_http = 2 * self.http_timeout_s + 2.0  # connect + read, plus in-place connect retries
-        return math.ceil(chunks * worst_http + 2 * self.redis_outage_s + 30)
+        return math.ceil(chunks * self.exchange_deadline_s + 2 * self.redis_outage_s + 30)
+
+    @property
+    def exchange_deadline_s(self) -> float:
+        """The wall-clock bound on one Polyv exchange (see :func:`exchange_deadline_s`)."""
+        return exchange_deadline_s(self.http_timeout_s)
 
     @property
     def lease_s(self) -> float:
         """How long one run may hold a message's pending numbers, from ``reserve`` to
         ``settle`` of one HTTP request, before another run may take them over."""
-        return 2 * self.http_timeout_s + 2.0 + self.redis_outage_s + 5.0
+        return self.exchange_deadline_s + self.redis_outage_s + 5.0
 
     def describe(self) -> dict[str, object]:
         """The settings as a dict for display, with the secret and URL passwords hidden."""

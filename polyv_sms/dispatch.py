@@ -16,16 +16,6 @@ from typing import Any
 
 from polyv_sms import metrics
 from polyv_sms.backoff import backoff_delay
-from polyv_sms.client import (
-    KNOWN_STATUSES,
-    STATUS_ACCEPTED,
-    STATUS_INVALID,
-    STATUS_OVER_LIMIT,
-    STATUS_UPSTREAM_FAILED,
-    PhoneResult,
-    PolyvClient,
-    PolyvResponse,
-)
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
     AmbiguousSend,
@@ -35,7 +25,17 @@ from polyv_sms.errors import (
     UnexpectedResponse,
 )
 from polyv_sms.ledger import Ledger, NumberState, Settlement
-from polyv_sms.phones import PhoneCheck, check_phone, mask
+from polyv_sms.polyv.client import (
+    KNOWN_STATUSES,
+    STATUS_ACCEPTED,
+    STATUS_INVALID,
+    STATUS_OVER_LIMIT,
+    STATUS_UPSTREAM_FAILED,
+    PhoneResult,
+    PolyvClient,
+    PolyvResponse,
+)
+from polyv_sms.polyv.phones import PhoneCheck, check_phone, mask
 from polyv_sms.validation import SmsRequest
 
 __all__ = ["OUTCOMES", "Dispatcher", "RunOutcome"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from polyv_sms.client import PolyvResponse
+    from polyv_sms.polyv.response import PolyvResponse
 
 __all__ = [
     "AmbiguousSend",

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import redis
 
-from polyv_sms.client import PolyvClient
 from polyv_sms.config import Settings
 from polyv_sms.dispatch import Dispatcher
-from polyv_sms.ledger import Ledger, connect_redis
+from polyv_sms.ledger import Ledger, build_ledger, connect_redis
+from polyv_sms.polyv.client import PolyvClient
 
 __all__ = ["Runtime", "build_runtime", "get_runtime", "set_runtime"]
 
@@ -37,28 +37,6 @@ class Runtime:
         """Release pooled connections."""
         self.client.close()
         self.redis.close()
-
-
-def build_ledger(
-    settings: Settings, client: redis.Redis, *, clock: Callable[[], float] = time.time
-) -> Ledger:
-    """The ledger of the configured account (no credentials needed: only the appId)."""
-    if not settings.app_id:
-        settings.require_credentials()
-    assert settings.app_id is not None
-    return Ledger(
-        client,
-        settings.app_id,
-        phone_daily_limit=settings.phone_daily_limit,
-        account_daily_limit=settings.account_daily_limit,
-        max_attempts=settings.max_attempts,
-        receipt_ttl_days=settings.receipt_ttl_days,
-        timezone=settings.timezone,
-        lease_s=settings.lease_s,
-        reconcile_grace_s=settings.reconcile_grace_s,
-        outage_s=settings.redis_outage_s,
-        clock=clock,
-    )
 
 
 #: Threads of this worker process (``celery worker -c`` may differ from

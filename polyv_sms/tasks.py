@@ -12,13 +12,13 @@ import logging
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import Ignore, Reject
 
-from polyv_sms import metrics
+from polyv_sms import background, metrics
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
 from polyv_sms.errors import InvalidRequest, LedgerUnavailable
-from polyv_sms.phones import mask
+from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
 from polyv_sms.worker import TASK_NAME, app
@@ -159,3 +159,13 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:
     """Publish a message again under its original task id (used by the reconciler)."""
     send_sms.apply_async(kwargs=kwargs, task_id=task_id)
+
+
+@signals.worker_ready.connect
+def _start_background(**_: Any) -> None:
+    background.start(enqueue_again)
+
+
+@signals.worker_shutting_down.connect
+def _stop_background(**_: Any) -> None:
+    background.stop()

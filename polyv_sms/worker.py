@@ -130,17 +130,3 @@ def _redact_logs(logger: logging.Logger, **_: Any) -> None:
 
     secret = Settings.from_env().app_secret
     logs.install(logger, (secret.reveal(),) if secret else ())
-
-
-@signals.worker_ready.connect
-def _start_background(**_: Any) -> None:
-    from polyv_sms import background  # noqa: PLC0415 - only workers need it
-
-    background.start()
-
-
-@signals.worker_shutting_down.connect
-def _stop_background(**_: Any) -> None:
-    from polyv_sms import background  # noqa: PLC0415
-
-    background.stop()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import RedisServer, WorkerProcess, empty_broker
 
-from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.polyv.simulator import PolyvSimulator
 
 _session_redis: RedisServer | None = None
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import redis
 
 from polyv_sms.config import Settings
-from polyv_sms.ledger import connect_redis
-from polyv_sms.receipts import Receipts
-from polyv_sms.runtime import build_ledger
+from polyv_sms.ledger import build_ledger, connect_redis
+from polyv_sms.ledger.receipts import Receipts
 
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 ROOT = Path(__file__).resolve().parent.parent

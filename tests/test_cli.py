@@ -16,10 +16,9 @@ from conftest import worker_env
 from helpers import ROOT, free_port, wait_for
 
 from polyv_sms import Receipts
-from polyv_sms.client import PolyvClient
 from polyv_sms.config import Settings
-from polyv_sms.ledger import connect_redis
-from polyv_sms.runtime import build_ledger
+from polyv_sms.ledger import build_ledger, connect_redis
+from polyv_sms.polyv.client import PolyvClient
 
 POLYV_SMS = str(Path(sys.executable).parent / "polyv-sms")
 

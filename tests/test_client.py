@@ -14,7 +14,6 @@ import pytest
 import requests
 from helpers import CannedServer, RawServer, free_port, read_http_request, self_signed_tls
 
-from polyv_sms.client import PolyvClient
 from polyv_sms.errors import (
     AmbiguousSend,
     BatchTooLarge,
@@ -24,8 +23,9 @@ from polyv_sms.errors import (
     TransientError,
     UnexpectedResponse,
 )
-from polyv_sms.signing import sign
-from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.polyv.client import PolyvClient
+from polyv_sms.polyv.signing import sign
+from polyv_sms.polyv.simulator import PolyvSimulator
 
 NUMBER = "17680476163"
 

@@ -14,11 +14,11 @@ import pytest
 import redis
 from helpers import CannedServer
 
-from polyv_sms.client import PolyvClient
 from polyv_sms.dispatch import Dispatcher
 from polyv_sms.ledger import Ledger
-from polyv_sms.reconcile import Reconciler
-from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.ledger.reconcile import Reconciler
+from polyv_sms.polyv.client import PolyvClient
+from polyv_sms.polyv.simulator import PolyvSimulator
 from polyv_sms.validation import validate_request
 
 TZ = ZoneInfo("Asia/Shanghai")

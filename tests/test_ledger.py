@@ -20,7 +20,7 @@ import redis
 from redis.crc import key_slot
 
 from polyv_sms.ledger import Ledger, Settlement, load_script
-from polyv_sms.receipts import Receipts
+from polyv_sms.ledger.receipts import Receipts
 
 TZ = ZoneInfo("Asia/Shanghai")
 
@@ -368,7 +368,7 @@ def test_lua_scripts_ship_in_the_wheel(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("polyv_sms-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for script in ("reserve", "settle", "requeue", "_record"):
-        assert f"polyv_sms/lua/{script}.lua" in names
+        assert f"polyv_sms/ledger/lua/{script}.lua" in names
     assert "polyv_sms/py.typed" in names
 
 

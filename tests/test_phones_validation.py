@@ -6,7 +6,7 @@ import pytest
 
 from polyv_sms.errors import InvalidRequest
 from polyv_sms.logs import redact
-from polyv_sms.phones import check_phone, mask
+from polyv_sms.polyv.phones import check_phone, mask
 from polyv_sms.validation import validate_request
 
 

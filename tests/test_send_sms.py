@@ -15,7 +15,7 @@ from helpers import receipts_for, wait_for
 from polyv_sms import send_sms
 from polyv_sms.errors import InvalidRequest
 from polyv_sms.ledger import Keys
-from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.polyv.simulator import PolyvSimulator
 
 TIMEOUT = 60
 

@@ -1,4 +1,4 @@
-"""polyv_sms.signing against Polyv's published rule and examples, computed by hand."""
+"""polyv_sms.polyv.signing against Polyv's published rule and examples, computed by hand."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from polyv_sms.signing import sign, signing_string
+from polyv_sms.polyv.signing import sign, signing_string
 
 # Polyv's own example (live API "签名生成规则" page): page and size are null and left out.
 POLYV_EXAMPLE = {

@@ -15,8 +15,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from polyv_sms.signing import sign
-from polyv_sms.simulator import SEND_PATH, Faults, PolyvSimulator
+from polyv_sms.polyv.signing import sign
+from polyv_sms.polyv.simulator import SEND_PATH, Faults, PolyvSimulator
 
 APP_ID, SECRET = "app1", "secret1"
 PHONE, OTHER = "17680476163", "13800138000"
@@ -418,7 +418,7 @@ def test_concurrent_sends_never_exceed_the_daily_limit(sim: PolyvSimulator) -> N
 def test_logs_mask_numbers_and_never_show_the_secret(
     sim: PolyvSimulator, http: requests.Session, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.DEBUG, logger="polyv_sms.simulator"):
+    with caplog.at_level(logging.DEBUG, logger="polyv_sms.polyv.simulator"):
         send(http, sim, [PHONE])
         send(http, sim, [PHONE], url=send_url(sim, override={"sign": "X"}))
         sim.set_faults(fail_numbers={PHONE: 1})

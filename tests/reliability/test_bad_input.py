@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from polyv_sms import send_sms
 from polyv_sms.errors import InvalidRequest
-from polyv_sms.phones import check_phone
+from polyv_sms.polyv.phones import check_phone
 
 from .tools import Results, ledger_quota
 

@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from polyv_sms.config import Secret, Settings
+from polyv_sms.polyv.simulator import PolyvSimulator
 from polyv_sms.runtime import Runtime, build_runtime
-from polyv_sms.simulator import PolyvSimulator
 from polyv_sms.validation import validate_request
 
 from .tools import TAG, phone, seen_by_message

@@ -18,9 +18,8 @@ import pytest
 from helpers import wait_for
 
 from polyv_sms.config import Settings
-from polyv_sms.ledger import Keys, Ledger, Settlement, connect_redis
-from polyv_sms.receipts import Receipts
-from polyv_sms.runtime import build_ledger
+from polyv_sms.ledger import Keys, Ledger, Settlement, build_ledger, connect_redis
+from polyv_sms.ledger.receipts import Receipts
 
 from .tools import (
     ReplyDroppingProxy,

@@ -23,7 +23,7 @@ from helpers import WorkerProcess, wait_for
 
 from polyv_sms.dispatch import OUTCOMES
 from polyv_sms.ledger import Keys, parse_record
-from polyv_sms.simulator import PolyvSimulator
+from polyv_sms.polyv.simulator import PolyvSimulator
 
 TAG = "tag"
 

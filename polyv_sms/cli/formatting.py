@@ -1,6 +1,6 @@
 """How ``polyv-sms`` shows things: plain-text tables for people, JSON for scripts.
 
-Every renderer takes the plain dicts that :class:`~polyv_sms.receipts.Receipts` and the task
+Every renderer takes the plain dicts that :class:`~polyv_sms.ledger.receipts.Receipts` and the task
 return, so the JSON output (``--json``) and the tables always show the same data. Tables show
 full phone numbers: they answer an operator's own look-up in a terminal, not a log file.
 """

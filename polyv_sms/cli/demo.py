@@ -29,8 +29,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from polyv_sms._cli_format import table
-from polyv_sms.receipts import Receipts
+from polyv_sms.cli.formatting import table
+from polyv_sms.ledger.receipts import Receipts
 
 __all__ = ["SCENARIOS", "Scenario", "run"]
 
@@ -251,8 +251,8 @@ def run(echo: Echo = print) -> int:
     except ImportError:
         echo("polyv-sms demo needs fakeredis with Lua: pip install 'polyv-sms[demo]'")
         return 2
+    from polyv_sms.polyv.simulator import PolyvSimulator  # noqa: PLC0415
     from polyv_sms.runtime import get_runtime, set_runtime  # noqa: PLC0415
-    from polyv_sms.simulator import PolyvSimulator  # noqa: PLC0415
     from polyv_sms.worker import QUEUE, app  # noqa: PLC0415
 
     if app.configured:

@@ -1,4 +1,4 @@
-"""Fault injection and counters of :mod:`polyv_sms.simulator`."""
+"""Fault injection and counters of :mod:`polyv_sms.polyv.simulator`."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ import click
 import redis
 
 from polyv_sms import __version__
-from polyv_sms import _cli_format as fmt
-from polyv_sms._cli_run import (
+from polyv_sms.cli import formatting as fmt
+from polyv_sms.cli.run import (
     CliError,
     CliUsageError,
     exec_supervisor,
@@ -32,7 +32,7 @@ from polyv_sms._cli_run import (
 from polyv_sms.config import DEFAULT_TIMEZONE, Settings
 from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
 from polyv_sms.ledger import connect_redis, stored_requests
-from polyv_sms.receipts import Receipts
+from polyv_sms.ledger.receipts import Receipts
 
 __all__ = ["main"]
 
@@ -86,7 +86,7 @@ def _require_results(settings: Settings) -> None:
 
 def _receipts() -> Receipts:
     """Read-only access to the ledger; needs ``POLYV_APP_ID`` but never the secret."""
-    from polyv_sms.runtime import build_ledger  # noqa: PLC0415 - keeps --help fast
+    from polyv_sms.ledger import build_ledger  # noqa: PLC0415 - keeps --help fast
 
     settings = _settings()
     if not settings.app_id:
@@ -271,7 +271,7 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
 @json_option
 def reconcile(as_json: bool) -> None:
     """One reconciler sweep: enqueue again messages whose retry never ran."""
-    from polyv_sms.reconcile import Reconciler  # noqa: PLC0415
+    from polyv_sms.ledger.reconcile import Reconciler  # noqa: PLC0415
     from polyv_sms.tasks import enqueue_again  # noqa: PLC0415
 
     ledger = _receipts().ledger
@@ -381,7 +381,7 @@ def simulator(**options: Any) -> None:
 @main.command()
 def demo() -> None:
     """Try polyv-sms in one process: no Redis, no credentials, no network needed."""
-    from polyv_sms.demo import run  # noqa: PLC0415
+    from polyv_sms.cli.demo import run  # noqa: PLC0415
 
     sys.exit(run(click.echo))
 

@@ -1,4 +1,4 @@
-"""The HTTP plumbing of :mod:`polyv_sms.simulator`: answers, the server and its handler.
+"""The HTTP plumbing of :mod:`polyv_sms.polyv.simulator`: answers, the server and its handler.
 
 The server calls ``answer(method, target, content_type, body)`` for every request; the
 simulator decides what to answer, this module writes it (or drops the connection).
@@ -27,7 +27,7 @@ __all__ = [
     "json_answer",
 ]
 
-logger = logging.getLogger("polyv_sms.simulator")
+logger = logging.getLogger("polyv_sms.polyv.simulator")
 
 MAX_BODY_BYTES = 1 << 20
 SERVE_POLL_INTERVAL_S = 0.05  # how soon the accept loop notices stop()

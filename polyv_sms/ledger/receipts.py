@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from polyv_sms.config import Settings
-from polyv_sms.ledger import Ledger, connect_redis, parse_record, stored_requests
-from polyv_sms.phones import check_phone
+from polyv_sms.ledger.records import parse_record, stored_requests
+from polyv_sms.ledger.store import Ledger, build_ledger, connect_redis
+from polyv_sms.polyv.phones import check_phone
 
 __all__ = ["Receipts"]
 
@@ -62,8 +63,6 @@ class Receipts:
             ConfigError: ``POLYV_APP_ID`` is not set, or ``SMS_REDIS_URL`` is not set and the
                 broker is not Redis.
         """
-        from polyv_sms.runtime import build_ledger  # noqa: PLC0415 - avoids an import cycle
-
         settings = Settings.from_env()
         return cls(build_ledger(settings, connect_redis(settings.require_redis_url())))
 

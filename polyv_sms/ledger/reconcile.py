@@ -21,12 +21,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from polyv_sms import metrics
-from polyv_sms.ledger import Ledger, stored_requests
-from polyv_sms.phones import check_phone
+from polyv_sms.ledger.records import stored_requests
+from polyv_sms.ledger.store import Ledger
+from polyv_sms.polyv.phones import check_phone
 
 __all__ = ["Reconciler"]
 
-log = logging.getLogger("polyv_sms.reconcile")
+log = logging.getLogger("polyv_sms.ledger.reconcile")
 
 #: Delete the lock only if this sweep still holds it.
 _RELEASE_LOCK = """

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from polyv_sms.ledger import stored_requests
-from polyv_sms.phones import check_phone
+from polyv_sms.polyv.phones import check_phone
 
 __all__ = [
     "EXIT_FAILURE",
@@ -69,7 +69,7 @@ def fault_rate_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def serve_simulator(options: dict[str, Any]) -> None:
     """Run the simulator with the ``simulator`` command's options until SIGTERM or Ctrl-C."""
-    from polyv_sms.simulator import Faults, PolyvSimulator  # noqa: PLC0415
+    from polyv_sms.polyv.simulator import Faults, PolyvSimulator  # noqa: PLC0415
 
     counts: dict[str, int] = {}
     for item in options["fail_numbers"]:

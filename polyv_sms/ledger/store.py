@@ -30,41 +30,34 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from polyv_sms.config import Settings
 from polyv_sms.errors import LedgerUnavailable
+from polyv_sms.ledger.records import (
+    REQUEST_PREFIX,
+    Keys,
+    NumberState,
+    Reservation,
+    Settlement,
+    parse_record,
+    parse_states,
+)
 
-__all__ = [
-    "FINAL_STATES",
-    "REQUEST_PREFIX",
-    "Keys",
-    "Ledger",
-    "NumberState",
-    "Reservation",
-    "Settlement",
-    "connect_redis",
-    "load_script",
-    "stored_requests",
-]
+__all__ = ["Ledger", "build_ledger", "connect_redis", "load_script"]
 
 log = logging.getLogger("polyv_sms.ledger")
 
-FINAL_STATES = frozenset(
-    {"accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed"}
-)
 DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 _T = TypeVar("_T")
-#: Message-record fields holding each task's request: ``req:<task id>``.
-REQUEST_PREFIX = "req:"
 _USES_RECORD_HELPERS = frozenset({"reserve", "settle"})
 #: Errors a Redis restart, failover or a full Redis produce; they pass, so the call is retried
 #: (the scripts are safe to replay, and Redis rejects a script's first write when full, never a
@@ -81,11 +74,11 @@ _OUTAGE_WAIT_MAX_S = 1.0
 
 
 def load_script(name: str) -> str:
-    """Return the source of ``polyv_sms/lua/<name>.lua`` (shipped in the wheel).
+    """Return the source of ``polyv_sms/ledger/lua/<name>.lua`` (shipped in the wheel).
 
     ``reserve`` and ``settle`` come with ``_record.lua`` (their shared helpers) prepended.
     """
-    lua = resources.files("polyv_sms").joinpath("lua")
+    lua = resources.files("polyv_sms.ledger").joinpath("lua")
     source = lua.joinpath(f"{name}.lua").read_text("utf-8")
     if name in _USES_RECORD_HELPERS:
         source = lua.joinpath("_record.lua").read_text("utf-8") + source
@@ -113,115 +106,11 @@ def connect_redis(
     return client
 
 
-class Keys:
-    """Key names of one account."""
-
-    def __init__(self, app_id: str, prefix: str = "polyv_sms") -> None:
-        self.base = f"{prefix}:{{{app_id}}}:"
-        self.pending = self.base + "pending"
-        self.dead = self.base + "dead"
-        self.reconcile_lock = self.base + "reconcile-lock"
-
-    def quota(self, day: str) -> str:
-        """The quota hash of a day (``YYYYMMDD``)."""
-        return f"{self.base}quota:{day}"
-
-    def message(self, message_id: str) -> str:
-        """The record of one message."""
-        return f"{self.base}msg:{message_id}"
-
-    def receipts(self, day: str) -> str:
-        """The receipts of a day (``YYYYMMDD``), by serialNo."""
-        return f"{self.base}receipts:{day}"
-
-    def phones(self, day: str) -> str:
-        """The serialNos of a day (``YYYYMMDD``), by number."""
-        return f"{self.base}phones:{day}"
-
-
-class NumberState(NamedTuple):
-    """One number's state in a message, as the ledger holds it (immutable; a named tuple
-    rather than a frozen dataclass: a 200-number message builds 400 of them, and a frozen
-    dataclass's ``__init__`` costs three times as much).
-
-    Attributes:
-        number: the normalised number (or the input text of an invalid one).
-        state: ``reserved``, a final outcome, or (from ``reserve`` only) ``send`` when this
-            attempt is granted and ``exhausted`` when no attempt is left.
-        day: the day (``YYYYMMDD``) the quota unit was taken from.
-        attempts: Polyv requests that carried this number for this message.
-        status: Polyv's last per-number status, if any.
-        serial_no: the receipt id when accepted.
-        error: why a number is not accepted (or why the last attempt failed).
-    """
-
-    number: str
-    state: str
-    day: str
-    attempts: int
-    status: int | None
-    serial_no: str | None
-    error: str | None
-
-    @property
-    def final(self) -> bool:
-        """True when the number has its final outcome."""
-        return self.state in FINAL_STATES
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What ``reserve`` decided.
-
-    Attributes:
-        busy_for_s: set when another run holds the message's pending numbers; try again
-            after this many seconds. ``states`` is empty then.
-        pending: numbers of the message still reserved (in flight or waiting for a retry).
-        states: one entry per number asked about, in the order asked.
-    """
-
-    busy_for_s: float | None
-    pending: int
-    states: tuple[NumberState, ...]
-
-
-class Settlement(NamedTuple):
-    """What to record for one number after a Polyv request (see lua/settle.lua)."""
-
-    number: str
-    action: str
-    status: int | None = None
-    serial_no: str | None = None
-    error: str = ""
-
-
 @functools.lru_cache(maxsize=16)  # strptime is slow, and a day is asked for all day
 def _days_after(tz: ZoneInfo, day: str, days: int) -> int:
     """The start of ``day`` (``YYYYMMDD`` in ``tz``) plus ``days`` days, in unix seconds."""
     start = datetime.strptime(day, "%Y%m%d").replace(tzinfo=tz)
     return int((start + timedelta(days=days)).timestamp())
-
-
-def _states(numbers: Iterable[str], records: Sequence[Any]) -> tuple[NumberState, ...]:
-    """Parse the scripts' reply: one ``state|day|attempts|status|serial|updated|error`` string
-    per number, in the order asked (redis-py parses each value of a reply on its own: one
-    string per number instead of seven fields makes a 200-number reply 200 values, not 1400).
-    """
-    out = []
-    for number, record in zip(numbers, records, strict=True):
-        state, day, attempts, status, serial, _updated, error = record.split("|", 6)
-        out.append(
-            NumberState(
-                number,
-                state,
-                day,
-                int(attempts) if attempts else 0,
-                int(status) if status else None,
-                serial or None,
-                error or None,
-            )
-        )
-    return tuple(out)
 
 
 class Ledger:
@@ -389,7 +278,7 @@ class Ledger:
         if reply[0] == "busy":
             return Reservation(int(reply[1]) / 1000, 0, ())
         asked = [*numbers, *(text for text, _ in invalid)]
-        return Reservation(None, int(reply[1]), _states(asked, reply[2:]))
+        return Reservation(None, int(reply[1]), parse_states(asked, reply[2:]))
 
     def settle(
         self,
@@ -451,7 +340,7 @@ class Ledger:
                 f"{item.action}|{status}|{quota}|{item.error}",
             ]
         reply = self.call(self._settle, keys=keys, args=args)
-        return int(reply[0]), _states((item.number for item in items), reply[1:])
+        return int(reply[0]), parse_states((item.number for item in items), reply[1:])
 
     def requeue(self, message_id: str) -> list[str]:
         """Forget the failed outcomes of a message so it can be sent again.
@@ -480,26 +369,23 @@ class Ledger:
         return found
 
 
-def parse_record(number: str, value: str) -> NumberState:
-    """Parse a message record's ``n:<number>`` field (``state|day|attempts|status|...``)."""
-    state, day, attempts, status, serial, _updated, error = value.split("|", 6)
-    return NumberState(
-        number=number,
-        state=state,
-        day=day,
-        attempts=int(attempts or 0),
-        status=int(status) if status else None,
-        serial_no=serial or None,
-        error=error or None,
+def build_ledger(
+    settings: Settings, client: redis.Redis, *, clock: Callable[[], float] = time.time
+) -> Ledger:
+    """The ledger of the configured account (no credentials needed: only the appId)."""
+    if not settings.app_id:
+        settings.require_credentials()
+    assert settings.app_id is not None
+    return Ledger(
+        client,
+        settings.app_id,
+        phone_daily_limit=settings.phone_daily_limit,
+        account_daily_limit=settings.account_daily_limit,
+        max_attempts=settings.max_attempts,
+        receipt_ttl_days=settings.receipt_ttl_days,
+        timezone=settings.timezone,
+        lease_s=settings.lease_s,
+        reconcile_grace_s=settings.reconcile_grace_s,
+        outage_s=settings.redis_outage_s,
+        clock=clock,
     )
-
-
-def stored_requests(record: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The requests stored in a message record (``HGETALL`` of it), oldest first.
-
-    A message id enqueued again by another task (with other numbers, say) has one per task.
-    """
-    found = [
-        json.loads(value) for field, value in record.items() if field.startswith(REQUEST_PREFIX)
-    ]
-    return sorted(found, key=lambda request: float(request.get("created_at") or 0))

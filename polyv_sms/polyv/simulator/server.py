@@ -42,8 +42,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from polyv_sms._simfaults import Faults, Tally
-from polyv_sms._simhttp import (
+from polyv_sms.polyv.signing import SIGN_METHODS, sign
+from polyv_sms.polyv.simulator.faults import Faults, Tally
+from polyv_sms.polyv.simulator.httpd import (
     HTML,
     SERVE_POLL_INTERVAL_S,
     Answer,
@@ -51,7 +52,6 @@ from polyv_sms._simhttp import (
     error,
     json_answer,
 )
-from polyv_sms.signing import SIGN_METHODS, sign
 
 __all__ = ["SEND_PATH", "Faults", "PolyvSimulator"]
 

@@ -1,0 +1,160 @@
+"""The ledger's records: key names, per-number states and the stored requests.
+
+A message record (``polyv_sms:{appId}:msg:<message_id>``) holds one ``n:<number>`` field per
+number (``state|day|attempts|status|serialNo|updated|error``, see ``lua/_record.lua``) and
+one ``req:<task id>`` field per task that enqueued the message (its request, as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+__all__ = [
+    "FINAL_STATES",
+    "REQUEST_PREFIX",
+    "Keys",
+    "NumberState",
+    "Reservation",
+    "Settlement",
+    "parse_record",
+    "parse_states",
+    "stored_requests",
+]
+
+FINAL_STATES = frozenset(
+    {"accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed"}
+)
+#: Message-record fields holding each task's request: ``req:<task id>``.
+REQUEST_PREFIX = "req:"
+
+
+class Keys:
+    """Key names of one account."""
+
+    def __init__(self, app_id: str, prefix: str = "polyv_sms") -> None:
+        self.base = f"{prefix}:{{{app_id}}}:"
+        self.pending = self.base + "pending"
+        self.dead = self.base + "dead"
+        self.reconcile_lock = self.base + "reconcile-lock"
+
+    def quota(self, day: str) -> str:
+        """The quota hash of a day (``YYYYMMDD``)."""
+        return f"{self.base}quota:{day}"
+
+    def message(self, message_id: str) -> str:
+        """The record of one message."""
+        return f"{self.base}msg:{message_id}"
+
+    def receipts(self, day: str) -> str:
+        """The receipts of a day (``YYYYMMDD``), by serialNo."""
+        return f"{self.base}receipts:{day}"
+
+    def phones(self, day: str) -> str:
+        """The serialNos of a day (``YYYYMMDD``), by number."""
+        return f"{self.base}phones:{day}"
+
+
+class NumberState(NamedTuple):
+    """One number's state in a message, as the ledger holds it (immutable; a named tuple
+    rather than a frozen dataclass: a 200-number message builds 400 of them, and a frozen
+    dataclass's ``__init__`` costs three times as much).
+
+    Attributes:
+        number: the normalised number (or the input text of an invalid one).
+        state: ``reserved``, a final outcome, or (from ``reserve`` only) ``send`` when this
+            attempt is granted and ``exhausted`` when no attempt is left.
+        day: the day (``YYYYMMDD``) the quota unit was taken from.
+        attempts: Polyv requests that carried this number for this message.
+        status: Polyv's last per-number status, if any.
+        serial_no: the receipt id when accepted.
+        error: why a number is not accepted (or why the last attempt failed).
+    """
+
+    number: str
+    state: str
+    day: str
+    attempts: int
+    status: int | None
+    serial_no: str | None
+    error: str | None
+
+    @property
+    def final(self) -> bool:
+        """True when the number has its final outcome."""
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``reserve`` decided.
+
+    Attributes:
+        busy_for_s: set when another run holds the message's pending numbers; try again
+            after this many seconds. ``states`` is empty then.
+        pending: numbers of the message still reserved (in flight or waiting for a retry).
+        states: one entry per number asked about, in the order asked.
+    """
+
+    busy_for_s: float | None
+    pending: int
+    states: tuple[NumberState, ...]
+
+
+class Settlement(NamedTuple):
+    """What to record for one number after a Polyv request (see lua/settle.lua)."""
+
+    number: str
+    action: str
+    status: int | None = None
+    serial_no: str | None = None
+    error: str = ""
+
+
+def parse_states(numbers: Iterable[str], records: Sequence[Any]) -> tuple[NumberState, ...]:
+    """Parse the scripts' reply: one ``state|day|attempts|status|serial|updated|error`` string
+    per number, in the order asked (redis-py parses each value of a reply on its own: one
+    string per number instead of seven fields makes a 200-number reply 200 values, not 1400).
+    """
+    out = []
+    for number, record in zip(numbers, records, strict=True):
+        state, day, attempts, status, serial, _updated, error = record.split("|", 6)
+        out.append(
+            NumberState(
+                number,
+                state,
+                day,
+                int(attempts) if attempts else 0,
+                int(status) if status else None,
+                serial or None,
+                error or None,
+            )
+        )
+    return tuple(out)
+
+
+def parse_record(number: str, value: str) -> NumberState:
+    """Parse a message record's ``n:<number>`` field (``state|day|attempts|status|...``)."""
+    state, day, attempts, status, serial, _updated, error = value.split("|", 6)
+    return NumberState(
+        number=number,
+        state=state,
+        day=day,
+        attempts=int(attempts or 0),
+        status=int(status) if status else None,
+        serial_no=serial or None,
+        error=error or None,
+    )
+
+
+def stored_requests(record: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The requests stored in a message record (``HGETALL`` of it), oldest first.
+
+    A message id enqueued again by another task (with other numbers, say) has one per task.
+    """
+    found = [
+        json.loads(value) for field, value in record.items() if field.startswith(REQUEST_PREFIX)
+    ]
+    return sorted(found, key=lambda request: float(request.get("created_at") or 0))
