@@ -1,7 +1,7 @@
 """Settings, read once from the environment at the edges (worker start, CLI).
 
 Everything else takes what it needs as arguments. Every variable, its default and its meaning
-is listed in ``.env.example`` and the README. A missing or malformed value raises
+is listed in ``.env.example`` and docs/configuration.md. A missing or malformed value raises
 :class:`~polyv_sms.errors.ConfigError` naming the variable.
 """
 

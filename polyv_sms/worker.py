@@ -8,7 +8,7 @@ for the ledger (``SMS_REDIS_URL``, needed when the broker is not Redis). Without
 backend (a non-Redis broker and neither ``SMS_RESULT_BACKEND`` nor ``SMS_REDIS_URL``) Celery
 stores no results: ``AsyncResult.get()`` then needs ``SMS_RESULT_BACKEND``.
 
-The settings and why (see docs/design.md):
+The settings and why (see docs/configuration.md):
 
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a killed worker's task is delivered
   again; the ledger makes that safe.

@@ -8,7 +8,7 @@ that the Redis broker hands the dead worker's unacknowledged messages out again.
 The kill comes while both workers are saturated, so neither is fetching a message at that
 instant: kombu's Redis transport takes a message off the queue (BRPOP) and records it as
 unacknowledged in a second command, and a worker killed between the two loses that message
-before the ledger ever sees it (see README.md, "Guarantees", limits of 4).
+before the ledger ever sees it (see docs/guarantees.md, the limits of 4).
 """
 
 from __future__ import annotations
