@@ -4,30 +4,51 @@ Producers call ``send_sms.delay(...)``: the request is validated before anything
 published, so a bad request raises :class:`~polyv_sms.errors.InvalidRequest` in the caller and
 nothing is enqueued. Producers that enqueue by name (``send_task``) are validated again in the
 worker: the task fails at once, nothing is sent and no retry follows.
+
+An unreachable broker or result backend makes ``send_sms.delay()`` raise
+:class:`~polyv_sms.errors.BrokerUnavailable` within :data:`ENQUEUE_BOUND_S` (when the server
+refuses connections: stopped, wrong port), never Celery's own errors; the task is then not
+published.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import uuid
 from typing import Any
 
 import redis
 from celery import Task, signals
+from celery.backends.redis import RedisBackend
 from celery.exceptions import Ignore, Reject
+from kombu.exceptions import OperationalError
 
 from polyv_sms import background, metrics
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
-from polyv_sms.errors import InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import BrokerUnavailable, InvalidRequest, LedgerUnavailable
 from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
 from polyv_sms.worker import TASK_NAME, app
 
-__all__ = ["SendSmsTask", "enqueue_again", "send_sms"]
+__all__ = ["ENQUEUE_BOUND_S", "SendSmsTask", "enqueue_again", "send_sms"]
 
 log = logging.getLogger("polyv_sms.tasks")
 
 _SHOWN_NUMBERS = 10
+#: A producer reconnects to an unreachable result backend this often before ``delay()`` gives
+#: up (Celery's own policy, 20 tries a second apart, made ``delay()`` hang for 20 s).
+RESULT_RECONNECT_POLICY = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
+#: ``delay()`` raises BrokerUnavailable within this many seconds when the result backend
+#: (about 2 s, RESULT_RECONNECT_POLICY) or the broker (about 6.5 s, PUBLISH_RETRY_POLICY)
+#: refuses connections. tests/test_edges.py checks it against a stopped redis-server.
+ENQUEUE_BOUND_S = 10.0
 
 
 def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
@@ -69,9 +90,51 @@ class SendSmsTask(Task):  # type: ignore[misc]
         checked = request.as_kwargs()
         options.setdefault("argsrepr", "()")
         options.setdefault("kwargsrepr", masked_kwargs_repr(checked))
-        return super().apply_async(
-            (), checked, task_id, producer, link, link_error, shadow, **options
-        )
+        task_id = task_id or str(uuid.uuid4())
+        if not options.get("ignore_result", self.ignore_result):
+            self._listen_for_result(task_id)
+        try:
+            return super().apply_async(
+                (), checked, task_id, producer, link, link_error, shadow, **options
+            )
+        except OperationalError as exc:
+            raise BrokerUnavailable(
+                f"cannot reach the broker (SMS_BROKER_URL): {_reason(exc)}; the task was not "
+                "published",
+                variable="SMS_BROKER_URL",
+            ) from exc
+
+    def _listen_for_result(self, task_id: str) -> None:
+        """Subscribe to the task's result before publishing, within a bounded time.
+
+        Celery subscribes inside ``apply_async`` (then finds this subscription and skips it);
+        doing it here tells a result-backend failure from a broker failure, before anything
+        is published.
+
+        Raises:
+            BrokerUnavailable: the result backend did not answer; nothing was published.
+        """
+        backend = self.backend
+        if not isinstance(backend, RedisBackend):
+            return  # no result backend, or one that needs no subscription
+        consumer = backend.result_consumer
+        if not getattr(consumer, "_polyv_sms_bounded", False):
+            # Celery's ResultConsumer reconnects with ``_ensure``: bound it (see above).
+            consumer._ensure = functools.partial(backend.ensure, **RESULT_RECONNECT_POLICY)
+            consumer._polyv_sms_bounded = True
+        try:
+            backend.on_task_call(None, task_id)
+        except (RuntimeError, redis.RedisError, OperationalError) as exc:
+            cause = exc.__cause__ or exc
+            raise BrokerUnavailable(
+                f"cannot reach the result backend (SMS_RESULT_BACKEND): {_reason(cause)}; the "
+                "task was not published",
+                variable="SMS_RESULT_BACKEND",
+            ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip().rstrip(".") or type(exc).__name__
 
 
 def _retry_cap(settings: Settings) -> int:

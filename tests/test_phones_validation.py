@@ -41,7 +41,8 @@ def test_valid_numbers_normalise_to_11_digits(given: object, expected: str) -> N
         (True, "not bool"),
         (1.7680476163e10, "not float"),
         (["17680476163"], "not list"),
-        ("１７６８０４７６１６３", "characters other than digits"),
+        ("１７６８０４７６１６３", "has digits other than ASCII 0-9 (full-width, say)"),
+        ("1", "has 1 digit;"),
         ("9" * 500, "characters long"),
     ],
 )

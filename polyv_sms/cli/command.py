@@ -1,13 +1,16 @@
 """The ``polyv-sms`` command: send, look up, run and try polyv-sms.
 
 Settings come from the environment (``.env.example`` lists them). Tables by default, ``--json``
-for scripts. Exit codes: 0 done; 1 a failure (unknown message or receipt, Redis or the broker
-unreachable, no result in time); 2 bad usage or configuration (the message names the option or
-the variable).
+for scripts. Exit codes: 0 done; 1 a failure (unknown message or receipt, Redis, the broker or
+the result backend unreachable, no result in time); 2 bad usage or configuration (the message
+names the option or the variable); 3 ``--wait`` got the outcome and some number did not end
+``accepted`` (failed, invalid, over a limit).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
 import sys
@@ -22,6 +25,7 @@ import redis
 from polyv_sms import __version__
 from polyv_sms.cli import formatting as fmt
 from polyv_sms.cli.run import (
+    EXIT_NOT_ACCEPTED,
     CliError,
     CliUsageError,
     exec_supervisor,
@@ -30,9 +34,10 @@ from polyv_sms.cli.run import (
     serve_simulator,
 )
 from polyv_sms.config import DEFAULT_TIMEZONE, Settings
-from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import BrokerUnavailable, ConfigError, InvalidRequest, LedgerUnavailable
 from polyv_sms.ledger import connect_redis, stored_requests
 from polyv_sms.ledger.receipts import Receipts
+from polyv_sms.polyv.phones import check_phone
 
 __all__ = ["main"]
 
@@ -107,18 +112,89 @@ def _wait(async_result: Any, timeout: float, message_id: str) -> dict[str, Any]:
             f"no result within {timeout:g}s; the message is queued or waiting for a retry "
             f"(see: polyv-sms status {message_id})"
         ) from None
+    except (RuntimeError, redis.RedisError) as exc:  # Celery gave up on the result backend
+        raise CliError(
+            "lost the result backend (SMS_RESULT_BACKEND) while waiting; the message is queued "
+            f"(see: polyv-sms status {message_id})"
+        ) from exc
     except Exception as exc:  # the task's own failure, re-raised by Celery
         raise CliError(f"the task failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        _stop_listening(async_result)
     return result
 
 
-def _publish(publish: Callable[[], Any], hint: str = "") -> Any:
-    from kombu.exceptions import OperationalError  # noqa: PLC0415
+def _stop_listening(async_result: Any) -> None:
+    """Unsubscribe from the task's result now: left to ``AsyncResult.__del__`` at interpreter
+    exit, the unsubscribe prints a page of ``Exception ignored in`` (sys.meta_path is None)."""
+    with contextlib.suppress(Exception):  # the process is about to exit; nothing is lost
+        async_result.backend.remove_pending_result(async_result)
 
+
+def _publish(publish: Callable[[], Any], hint: str = "") -> Any:
+    # Celery logs each reconnect attempt; the one line below says it all.
+    logging.getLogger("celery").setLevel(logging.CRITICAL + 1)
     try:
         return publish()
-    except OperationalError as exc:
-        raise CliError(f"could not reach the broker (SMS_BROKER_URL): {exc}{hint}") from None
+    except BrokerUnavailable as exc:
+        raise CliError(f"{exc}{hint}") from None
+
+
+def _exit_status(result: dict[str, Any]) -> None:
+    """Exit 3 when some number did not end accepted (the outcome is printed already)."""
+    if any(r["outcome"] != "accepted" for r in result["results"]):
+        sys.exit(EXIT_NOT_ACCEPTED)
+
+
+def _template_params(params: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``-p NAME=VALUE`` options as names and values; a usage error for anything else."""
+    if not params:
+        raise click.BadParameter(
+            "give at least one -p NAME=VALUE (the template's parameters, in its order)",
+            param_hint="--param",
+        )
+    names, values = [], []
+    for param in params:
+        name, sep, value = param.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="--param")
+        if not name.strip():
+            raise click.BadParameter(f"{param!r} has no NAME before '='", param_hint="--param")
+        if not value.strip():
+            raise click.BadParameter(
+                f"{param!r}: the value of {name} is empty; an SMS with an empty parameter is "
+                "never right",
+                param_hint="--param",
+            )
+        names.append(name)
+        values.append(value)
+    return names, values
+
+
+def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--day``: a real calendar day as YYYYMMDD."""
+    if value is None:
+        return None
+    try:
+        if len(value) != 8 or not value.isascii() or not value.isdigit():
+            raise ValueError
+        datetime.datetime.strptime(value, "%Y%m%d")  # a calendar day: no zone
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a day as YYYYMMDD (e.g. 20261130)", param_hint="--day"
+        ) from None
+    return value
+
+
+def _phone_number(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """``NUMBER``: a mainland mobile number (separators and +86 allowed)."""
+    checked = check_phone(value)
+    if checked.number is None:
+        raise click.BadParameter(
+            f"{value!r} {checked.reason}; give a mobile number like 13900000001",
+            param_hint="NUMBER",
+        )
+    return checked.number
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,12 +214,21 @@ def main() -> None:
     "params",
     multiple=True,
     metavar="NAME=VALUE",
-    help="A template parameter; repeat it, in the template's order.",
+    help="A template parameter (at least one; no empty values); repeat it, in the template's "
+    "order.",
 )
 @click.option("--message-id", help="Idempotency key (default: the task id).")
-@click.option("--wait", is_flag=True, help="Wait for the outcome of every number.")
 @click.option(
-    "--timeout", type=float, default=DEFAULT_WAIT_S, show_default=True, help="Seconds --wait waits."
+    "--wait",
+    is_flag=True,
+    help="Wait for the outcome of every number; exit 3 if any did not end accepted.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=DEFAULT_WAIT_S,
+    show_default=True,
+    help="Seconds --wait waits.",
 )
 @json_option
 def send(
@@ -155,14 +240,13 @@ def send(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Enqueue one SMS to NUMBER... (the polyv_sms.send_sms task)."""
-    names, values = [], []
-    for param in params:
-        name, sep, value = param.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="--param")
-        names.append(name)
-        values.append(value)
+    """Enqueue one SMS to NUMBER... (the polyv_sms.send_sms task).
+
+    Exit status: 0 enqueued (with --wait: every number accepted); 1 a failure (the broker or
+    result backend unreachable, no result in time); 2 bad usage; 3 (--wait) some number did
+    not end accepted.
+    """
+    names, values = _template_params(params)
     settings = _settings()
     if wait:
         _require_results(settings)
@@ -174,7 +258,9 @@ def send(
         queued = {"message_id": key, "task_id": pending.id, "state": "enqueued"}
         _emit(queued, as_json, lambda d: f"enqueued message {key} (task {pending.id})")
         return
-    _emit(_wait(pending, timeout, key), as_json, fmt.render_result)
+    result = _wait(pending, timeout, key)
+    _emit(result, as_json, fmt.render_result)
+    _exit_status(result)
 
 
 @main.command()
@@ -203,8 +289,14 @@ def receipt(serial_no: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("number")
-@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.argument("number", callback=_phone_number)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="Show at most this many receipts.",
+)
 @json_option
 def phone(number: str, limit: int, as_json: bool) -> None:
     """A number's latest receipts and today's count against its daily limit."""
@@ -212,8 +304,16 @@ def phone(number: str, limit: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--day", metavar="YYYYMMDD", help="Another day than today (SMS_TIMEZONE).")
-@click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True)
+@click.option(
+    "--day", metavar="YYYYMMDD", callback=_day, help="Another day than today (SMS_TIMEZONE)."
+)
+@click.option(
+    "--top",
+    type=click.IntRange(0, 1000),
+    default=10,
+    show_default=True,
+    help="Show this many of the busiest numbers.",
+)
 @json_option
 def quota(day: str | None, top: int, as_json: bool) -> None:
     """The account's use of the day against its limit, and the busiest numbers."""
@@ -221,15 +321,31 @@ def quota(day: str | None, top: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=50,
+    show_default=True,
+    help="Show at most this many messages.",
+)
 @click.option(
     "--requeue",
     "requeue_id",
     metavar="MESSAGE_ID",
     help="Send that message's failed numbers again.",
 )
-@click.option("--wait", is_flag=True, help="With --requeue: wait for the new outcomes.")
-@click.option("--timeout", type=float, default=DEFAULT_WAIT_S, show_default=True)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="With --requeue: wait for the new outcomes; exit 3 if any did not end accepted.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=DEFAULT_WAIT_S,
+    show_default=True,
+    help="Seconds --wait waits.",
+)
 @json_option
 def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_json: bool) -> None:
     """Messages with numbers that ended failed; --requeue sends one again."""
@@ -264,7 +380,9 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
         queued = {"message_id": requeue_id, "task_id": pending.id, "requeued": again}
         _emit(queued, as_json, lambda d: f"requeued {', '.join(again)} of message {requeue_id}")
         return
-    _emit(_wait(pending, timeout, requeue_id), as_json, fmt.render_result)
+    result = _wait(pending, timeout, requeue_id)
+    _emit(result, as_json, fmt.render_result)
+    _exit_status(result)
 
 
 @main.command()
@@ -304,7 +422,9 @@ def reconcile(as_json: bool) -> None:
     "port offset) and the node name.",
 )
 @click.option("--hostname", "-n", help="Node name (default: polyv-sms-<index>@%h).")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--loglevel", "-l", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR."
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(
     *,
@@ -342,17 +462,42 @@ def worker(
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--app-id", envvar="POLYV_APP_ID", required=True, help="[env: POLYV_APP_ID]")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to listen on (0: any free one).",
+)
+@click.option(
+    "--app-id",
+    envvar="POLYV_APP_ID",
+    required=True,
+    help="The appId whose signs it accepts. [env: POLYV_APP_ID]",
+)
 @click.option(
     "--app-secret",
     envvar="POLYV_APP_SECRET",
     required=True,
     help="Prefer the environment: a command line shows in ps. [env: POLYV_APP_SECRET]",
 )
-@click.option("--phone-daily-limit", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--account-daily-limit", type=click.IntRange(min=0), default=2000, show_default=True)
-@click.option("--timezone", default=DEFAULT_TIMEZONE, show_default=True)
+@click.option(
+    "--phone-daily-limit",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="SMS a number may receive per day; then status -1.",
+)
+@click.option(
+    "--account-daily-limit",
+    type=click.IntRange(min=0),
+    default=2000,
+    show_default=True,
+    help="SMS the account may send per day; then an error.",
+)
+@click.option(
+    "--timezone", default=DEFAULT_TIMEZONE, show_default=True, help="Where the day turns."
+)
 @click.option(
     "--fail-number",
     "fail_numbers",
@@ -367,13 +512,13 @@ def worker(
     default=0.0,
     help="Extra seconds for --slow-rate of the answers.",
 )
-@click.option("--seed", type=int, help="Seed for the fault draws.")
+@click.option("--seed", type=int, help="Seed for the fault draws (repeatable runs).")
 @fault_rate_options
 def simulator(**options: Any) -> None:
     """Run the Polyv simulator: a stand-in for the SMS endpoint that sends nothing.
 
-    Point workers at it with POLYV_API_BASE=http://HOST:PORT. Fault shares: --status11-rate,
-    --http500-rate, --drop-rate, --garbage-rate, --rate-limit-rate, --slow-rate (0 to 1).
+    Point workers at it with POLYV_API_BASE=http://HOST:PORT; the --*-rate options inject
+    faults.
     """
     serve_simulator(options)
 
@@ -387,15 +532,24 @@ def demo() -> None:
 
 
 _PASS_THROUGH = {"ignore_unknown_options": True, "help_option_names": ["--launcher-help"]}
-_CONFIG = click.option("--config", default=DEFAULT_SUPERVISORD_CONFIG, show_default=True)
+_CONFIG = click.option(
+    "--config",
+    default=DEFAULT_SUPERVISORD_CONFIG,
+    show_default=True,
+    metavar="FILE",
+    help="The supervisord configuration.",
+)
 
 
 @main.command(context_settings=_PASS_THROUGH)
 @_CONFIG
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def supervisord(config: str, args: tuple[str, ...]) -> None:
-    """Run supervisord with deploy/supervisord.conf and SMS_RUN_DIR set (default: a
-    directory under the system temp dir). Other arguments go to supervisord (e.g. -n)."""
+    """Run supervisord (--config FILE, default deploy/supervisord.conf) with SMS_RUN_DIR set.
+
+    SMS_RUN_DIR defaults to a directory under the system temp dir; it is printed on start.
+    Other arguments go to supervisord as they are (e.g. -n); --launcher-help shows this help.
+    """
     exec_supervisor("supervisord", config, args)
 
 
@@ -403,6 +557,8 @@ def supervisord(config: str, args: tuple[str, ...]) -> None:
 @_CONFIG
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def supervisorctl(config: str, args: tuple[str, ...]) -> None:
-    """Run supervisorctl against the supervisord that `polyv-sms supervisord` started
-    (status, stop all, start all, tail -f ...)."""
+    """Run supervisorctl (--config FILE) against `polyv-sms supervisord` (status, stop all...).
+
+    Other arguments go to supervisorctl as they are; --launcher-help shows this help.
+    """
     exec_supervisor("supervisorctl", config, args)
