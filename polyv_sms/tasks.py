@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import uuid
 from typing import Any
 
 import redis
 from celery import Task, signals
 from celery.backends.redis import RedisBackend
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, WorkerShutdown
 from kombu.exceptions import OperationalError
 
 from polyv_sms import background, metrics
@@ -224,9 +225,21 @@ def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None
     send_sms.apply_async(kwargs=kwargs, task_id=task_id)
 
 
+#: A worker whose background parts could not start exits with this status.
+EXIT_BACKGROUND_FAILED = 70  # EX_SOFTWARE
+
+
 @signals.worker_ready.connect
 def _start_background(**_: Any) -> None:
-    background.start(enqueue_again)
+    try:
+        background.start(enqueue_again)
+    except background.BackgroundError as exc:
+        # Celery logs and swallows a signal handler's Exception; a SystemExit (WorkerShutdown)
+        # gets through and stops the worker, warm: nothing was taken from the queue yet.
+        log.critical("polyv-sms worker: %s; stopping the worker", exc)
+        sys.stderr.write(f"polyv-sms worker: {exc}; stopping the worker\n")
+        sys.stderr.flush()
+        raise WorkerShutdown(EXIT_BACKGROUND_FAILED) from None
 
 
 @signals.worker_shutting_down.connect

@@ -137,7 +137,12 @@ def _publish(publish: Callable[[], Any], hint: str = "") -> Any:
     try:
         return publish()
     except BrokerUnavailable as exc:
-        raise CliError(f"{exc}{hint}") from None
+        unset = (
+            exc.variable == "SMS_RESULT_BACKEND" and not os.environ.get(exc.variable, "").strip()
+        )
+        # By default the broker's Redis holds the results: say which variable that is.
+        where = " (not set: the results live on SMS_BROKER_URL)" if unset else ""
+        raise CliError(f"{exc}{where}{hint}") from None
 
 
 def _exit_status(result: dict[str, Any]) -> None:
@@ -444,9 +449,12 @@ def worker(
     if process_index is not None:
         os.environ["SMS_WORKER_INDEX"] = str(process_index)
     index = os.environ.get("SMS_WORKER_INDEX", "").strip()
-    from polyv_sms.worker import QUEUE, app  # noqa: PLC0415
+    from celery.bin.celery import celery as celery_command  # noqa: PLC0415
+
+    from polyv_sms.worker import QUEUE  # noqa: PLC0415
 
     argv = [
+        "--app=polyv_sms.worker",
         "worker",
         f"--queues={QUEUE}",
         "--pool=threads",
@@ -457,7 +465,9 @@ def worker(
         "--without-mingle",
         *celery_args,
     ]
-    sys.exit(app.start(argv) or 0)
+    # Standalone: exits with the worker's status (Celery's app.start() drops it under click 8.2+,
+    # so a worker stopped by a failure would exit 0).
+    celery_command.main(args=argv, prog_name="polyv-sms worker")
 
 
 @main.command()
