@@ -1,4 +1,5 @@
-"""What a worker runs beside its tasks: the reconciler thread and the metrics endpoint."""
+"""What a worker runs beside its tasks: the reconciler thread, the metrics endpoint and the
+mover of mis-routed tasks (:mod:`polyv_sms.misrouted`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 
 from polyv_sms import metrics
 from polyv_sms.ledger.reconcile import Enqueue, Reconciler
+from polyv_sms.misrouted import MisroutedMover
 from polyv_sms.runtime import get_runtime
 
 __all__ = ["BackgroundError", "start", "stop"]
@@ -16,6 +18,7 @@ log = logging.getLogger("polyv_sms.background")
 
 _lock = threading.Lock()
 _reconciler: Reconciler | None = None
+_mover: MisroutedMover | None = None
 #: Set by supervisord (``%(process_num)d``) so that worker N serves metrics on port + N.
 WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
 
@@ -38,7 +41,7 @@ def start(enqueue_again: Enqueue) -> None:
         BackgroundError: the metrics endpoint or the reconciler could not start; the message
             says which and why (naming the variable).
     """
-    global _reconciler  # noqa: PLW0603 - one per worker process
+    global _reconciler, _mover  # noqa: PLW0603 - one per worker process
     try:
         runtime = get_runtime()
     except Exception as exc:
@@ -67,12 +70,19 @@ def start(enqueue_again: Enqueue) -> None:
                 _reconciler = None
                 raise BackgroundError(f"the reconciler could not start: {exc}") from exc
             log.info("reconciler sweeping every %gs", settings.reconcile_interval_s)
+        if _mover is None:
+            _mover = MisroutedMover.for_broker(settings.broker_url)
+            if _mover is not None:
+                _mover.start()
 
 
 def stop() -> None:
-    """Stop the reconciler thread."""
-    global _reconciler  # noqa: PLW0603
+    """Stop the reconciler and the mover of mis-routed tasks."""
+    global _reconciler, _mover  # noqa: PLW0603
     with _lock:
         if _reconciler is not None:
             _reconciler.stop()
             _reconciler = None
+        if _mover is not None:
+            _mover.stop()
+            _mover = None
