@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -291,3 +292,25 @@ def test_supervisorctl_does_not_repeat_the_run_dir(tmp_path: Path) -> None:
     env = clean_env(SMS_RUN_DIR=str(tmp_path))
     done = polyv_sms(env, "supervisorctl", "status")  # no supervisord runs: it says so
     assert "SMS_RUN_DIR=" not in done.stderr + done.stdout
+
+
+def test_healthcheck_answers_for_every_worker_process(
+    account, sim, redis_server, tmp_path: Path
+) -> None:
+    host = f"edges-{uuid.uuid4().hex[:8]}"
+    env = worker_env(account, sim, redis_server)
+    worker = WorkerProcess(env, tmp_path / "w0.log", extra_args=("-n", f"polyv-sms-0@{host}"))
+    worker.start()
+    try:
+        check = ("healthcheck", "--host", host, "--timeout", "3")
+        one = polyv_sms(env, *check, "--processes", "1")
+        assert one.returncode == 0, one
+        assert "1 of 1 workers answered" in one.stdout
+        two = polyv_sms(env, *check, "--processes", "2")
+        assert two.returncode == 1, two
+        assert f"no answer within 3s from polyv-sms-1@{host}" in two.stderr
+        assert f"polyv-sms-0@{host}" not in two.stderr
+    finally:
+        worker.stop()
+    gone = polyv_sms(env, *check, "--processes", "1")
+    assert gone.returncode == 1

@@ -9,11 +9,7 @@ names the option or the variable); 3 ``--wait`` got the outcome and some number 
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import logging
-import os
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,27 +20,28 @@ import redis
 
 from polyv_sms import __version__
 from polyv_sms.cli import formatting as fmt
+from polyv_sms.cli.inputs import check_day, check_number, template_params
 from polyv_sms.cli.run import (
-    EXIT_NOT_ACCEPTED,
     CliError,
     CliUsageError,
-    exec_supervisor,
-    fault_rate_options,
     requeue_kwargs,
-    serve_simulator,
 )
-from polyv_sms.config import DEFAULT_TIMEZONE, Settings
-from polyv_sms.errors import BrokerUnavailable, ConfigError, InvalidRequest, LedgerUnavailable
+from polyv_sms.cli.running import RUNNING_COMMANDS
+from polyv_sms.cli.sending import (
+    exit_if_not_accepted,
+    publish,
+    wait_result,
+)
+from polyv_sms.config import Settings
+from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
 from polyv_sms.ledger import connect_redis, stored_requests
 from polyv_sms.ledger.receipts import Receipts
-from polyv_sms.polyv.phones import check_phone
 
 __all__ = ["main"]
 
 #: Look-ups give up on an unreachable Redis after this long (workers wait SMS_REDIS_OUTAGE).
 CLI_REDIS_OUTAGE_S = 2.0
 DEFAULT_WAIT_S = 120.0
-DEFAULT_SUPERVISORD_CONFIG = "deploy/supervisord.conf"
 
 
 class _Group(click.Group):
@@ -102,106 +99,6 @@ def _receipts() -> Receipts:
     return Receipts(build_ledger(settings, connect_redis(settings.require_redis_url())))
 
 
-def _wait(async_result: Any, timeout: float, message_id: str) -> dict[str, Any]:
-    from celery.exceptions import TimeoutError as ResultTimeout  # noqa: PLC0415
-
-    try:
-        result: dict[str, Any] = async_result.get(timeout=timeout)
-    except ResultTimeout:
-        raise CliError(
-            f"no result within {timeout:g}s; the message is queued or waiting for a retry "
-            f"(see: polyv-sms status {message_id})"
-        ) from None
-    except (RuntimeError, redis.RedisError) as exc:  # Celery gave up on the result backend
-        raise CliError(
-            "lost the result backend (SMS_RESULT_BACKEND) while waiting; the message is queued "
-            f"(see: polyv-sms status {message_id})"
-        ) from exc
-    except Exception as exc:  # the task's own failure, re-raised by Celery
-        raise CliError(f"the task failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        _stop_listening(async_result)
-    return result
-
-
-def _stop_listening(async_result: Any) -> None:
-    """Unsubscribe from the task's result now: left to ``AsyncResult.__del__`` at interpreter
-    exit, the unsubscribe prints a page of ``Exception ignored in`` (sys.meta_path is None)."""
-    with contextlib.suppress(Exception):  # the process is about to exit; nothing is lost
-        async_result.backend.remove_pending_result(async_result)
-
-
-def _publish(publish: Callable[[], Any], hint: str = "") -> Any:
-    # Celery logs each reconnect attempt; the one line below says it all.
-    logging.getLogger("celery").setLevel(logging.CRITICAL + 1)
-    try:
-        return publish()
-    except BrokerUnavailable as exc:
-        unset = (
-            exc.variable == "SMS_RESULT_BACKEND" and not os.environ.get(exc.variable, "").strip()
-        )
-        # By default the broker's Redis holds the results: say which variable that is.
-        where = " (not set: the results live on SMS_BROKER_URL)" if unset else ""
-        raise CliError(f"{exc}{where}{hint}") from None
-
-
-def _exit_status(result: dict[str, Any]) -> None:
-    """Exit 3 when some number did not end accepted (the outcome is printed already)."""
-    if any(r["outcome"] != "accepted" for r in result["results"]):
-        sys.exit(EXIT_NOT_ACCEPTED)
-
-
-def _template_params(params: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """``-p NAME=VALUE`` options as names and values; a usage error for anything else."""
-    if not params:
-        raise click.BadParameter(
-            "give at least one -p NAME=VALUE (the template's parameters, in its order)",
-            param_hint="--param",
-        )
-    names, values = [], []
-    for param in params:
-        name, sep, value = param.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="--param")
-        if not name.strip():
-            raise click.BadParameter(f"{param!r} has no NAME before '='", param_hint="--param")
-        if not value.strip():
-            raise click.BadParameter(
-                f"{param!r}: the value of {name} is empty; an SMS with an empty parameter is "
-                "never right",
-                param_hint="--param",
-            )
-        names.append(name)
-        values.append(value)
-    return names, values
-
-
-def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """``--day``: a real calendar day as YYYYMMDD."""
-    if value is None:
-        return None
-    try:
-        if len(value) != 8 or not value.isascii() or not value.isdigit():
-            raise ValueError
-        datetime.datetime.strptime(value, "%Y%m%d")  # a calendar day: no zone
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not a day as YYYYMMDD (e.g. 20261130)", param_hint="--day"
-        ) from None
-    return value
-
-
-def _phone_number(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    """``NUMBER``: a mainland mobile number (separators and +86 allowed)."""
-    checked = check_phone(value)
-    if checked.number is None:
-        raise click.BadParameter(
-            f"{value!r} {checked.reason}; give a mobile number like 13900000001",
-            param_hint="NUMBER",
-        )
-    return checked.number
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="polyv-sms")
 def main() -> None:
@@ -251,21 +148,21 @@ def send(
     result backend unreachable, no result in time); 2 bad usage; 3 (--wait) some number did
     not end accepted.
     """
-    names, values = _template_params(params)
+    names, values = template_params(params)
     settings = _settings()
     if wait:
         _require_results(settings)
     from polyv_sms.tasks import send_sms  # noqa: PLC0415
 
-    pending = _publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
+    pending = publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
     key = message_id or pending.id
     if not wait:
         queued = {"message_id": key, "task_id": pending.id, "state": "enqueued"}
         _emit(queued, as_json, lambda d: f"enqueued message {key} (task {pending.id})")
         return
-    result = _wait(pending, timeout, key)
+    result = wait_result(pending, timeout, key)
     _emit(result, as_json, fmt.render_result)
-    _exit_status(result)
+    exit_if_not_accepted(result)
 
 
 @main.command()
@@ -294,7 +191,7 @@ def receipt(serial_no: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("number", callback=_phone_number)
+@click.argument("number", callback=check_number)
 @click.option(
     "--limit",
     type=click.IntRange(1, 1000),
@@ -310,7 +207,7 @@ def phone(number: str, limit: int, as_json: bool) -> None:
 
 @main.command()
 @click.option(
-    "--day", metavar="YYYYMMDD", callback=_day, help="Another day than today (SMS_TIMEZONE)."
+    "--day", metavar="YYYYMMDD", callback=check_day, help="Another day than today (SMS_TIMEZONE)."
 )
 @click.option(
     "--top",
@@ -379,15 +276,15 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
         f"; its failed numbers were reset: send it again with polyv-sms send ... "
         f"--message-id {requeue_id} (accepted numbers are skipped)"
     )
-    publish = lambda: send_sms.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()))  # noqa: E731
-    pending = _publish(publish, hint)
+    requeue = lambda: send_sms.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()))  # noqa: E731
+    pending = publish(requeue, hint)
     if not wait:
         queued = {"message_id": requeue_id, "task_id": pending.id, "requeued": again}
         _emit(queued, as_json, lambda d: f"requeued {', '.join(again)} of message {requeue_id}")
         return
-    result = _wait(pending, timeout, requeue_id)
+    result = wait_result(pending, timeout, requeue_id)
     _emit(result, as_json, fmt.render_result)
-    _exit_status(result)
+    exit_if_not_accepted(result)
 
 
 @main.command()
@@ -402,7 +299,7 @@ def reconcile(as_json: bool) -> None:
         report: dict[str, Any] = {"skipped": "a worker's reconciler is sweeping right now"}
     else:
         report = {
-            "enqueued": _publish(lambda: Reconciler(ledger, enqueue_again, interval_s=1).sweep())
+            "enqueued": publish(lambda: Reconciler(ledger, enqueue_again, interval_s=1).sweep())
         }
 
     def render(data: dict[str, Any]) -> str:
@@ -413,162 +310,5 @@ def reconcile(as_json: bool) -> None:
     _emit(report, as_json, render)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.option(
-    "--concurrency",
-    "-c",
-    type=click.IntRange(min=1),
-    help="Threads (default: SMS_WORKER_CONCURRENCY, else 16).",
-)
-@click.option(
-    "--process-index",
-    type=click.IntRange(min=0),
-    help="This process's number under supervisord: sets SMS_WORKER_INDEX (metrics "
-    "port offset) and the node name.",
-)
-@click.option("--hostname", "-n", help="Node name (default: polyv-sms-<index>@%h).")
-@click.option(
-    "--loglevel", "-l", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR."
-)
-@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(
-    *,
-    concurrency: int | None,
-    process_index: int | None,
-    hostname: str | None,
-    loglevel: str,
-    celery_args: tuple[str, ...],
-) -> None:
-    """Run a worker: celery worker -Q sms -P threads with the recommended options.
-
-    Refuses to start without POLYV_APP_ID and POLYV_APP_SECRET. Extra arguments go to
-    `celery worker` as they are.
-    """
-    settings = _settings()
-    settings.require_credentials()
-    if process_index is not None:
-        os.environ["SMS_WORKER_INDEX"] = str(process_index)
-    index = os.environ.get("SMS_WORKER_INDEX", "").strip()
-    from celery.bin.celery import celery as celery_command  # noqa: PLC0415
-
-    from polyv_sms.worker import QUEUE  # noqa: PLC0415
-
-    argv = [
-        "--app=polyv_sms.worker",
-        "worker",
-        f"--queues={QUEUE}",
-        "--pool=threads",
-        f"--concurrency={concurrency or settings.worker_concurrency}",
-        f"--hostname={hostname or (f'polyv-sms-{index}@%h' if index else 'polyv-sms@%h')}",
-        f"--loglevel={loglevel}",
-        "--without-gossip",  # heartbeats and remote control stay on: Flower uses them
-        "--without-mingle",
-        *celery_args,
-    ]
-    # Standalone: exits with the worker's status (Celery's app.start() drops it under click 8.2+,
-    # so a worker stopped by a failure would exit 0).
-    celery_command.main(args=argv, prog_name="polyv-sms worker")
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8080,
-    show_default=True,
-    help="Port to listen on (0: any free one).",
-)
-@click.option(
-    "--app-id",
-    envvar="POLYV_APP_ID",
-    required=True,
-    help="The appId whose signs it accepts. [env: POLYV_APP_ID]",
-)
-@click.option(
-    "--app-secret",
-    envvar="POLYV_APP_SECRET",
-    required=True,
-    help="Prefer the environment: a command line shows in ps. [env: POLYV_APP_SECRET]",
-)
-@click.option(
-    "--phone-daily-limit",
-    type=click.IntRange(min=0),
-    default=10,
-    show_default=True,
-    help="SMS a number may receive per day; then status -1.",
-)
-@click.option(
-    "--account-daily-limit",
-    type=click.IntRange(min=0),
-    default=2000,
-    show_default=True,
-    help="SMS the account may send per day; then an error.",
-)
-@click.option(
-    "--timezone", default=DEFAULT_TIMEZONE, show_default=True, help="Where the day turns."
-)
-@click.option(
-    "--fail-number",
-    "fail_numbers",
-    multiple=True,
-    metavar="NUMBER=COUNT",
-    help="Answer status 11 COUNT times for NUMBER, then accept it.",
-)
-@click.option("--latency", type=click.FloatRange(0), default=0.0, help="Seconds per answer.")
-@click.option(
-    "--slow-latency",
-    type=click.FloatRange(0),
-    default=0.0,
-    help="Extra seconds for --slow-rate of the answers.",
-)
-@click.option("--seed", type=int, help="Seed for the fault draws (repeatable runs).")
-@fault_rate_options
-def simulator(**options: Any) -> None:
-    """Run the Polyv simulator: a stand-in for the SMS endpoint that sends nothing.
-
-    Point workers at it with POLYV_API_BASE=http://HOST:PORT; the --*-rate options inject
-    faults.
-    """
-    serve_simulator(options)
-
-
-@main.command()
-def demo() -> None:
-    """Try polyv-sms in one process: no Redis, no credentials, no network needed."""
-    from polyv_sms.cli.demo import run  # noqa: PLC0415
-
-    sys.exit(run(click.echo))
-
-
-_PASS_THROUGH = {"ignore_unknown_options": True, "help_option_names": ["--launcher-help"]}
-_CONFIG = click.option(
-    "--config",
-    default=DEFAULT_SUPERVISORD_CONFIG,
-    show_default=True,
-    metavar="FILE",
-    help="The supervisord configuration.",
-)
-
-
-@main.command(context_settings=_PASS_THROUGH)
-@_CONFIG
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def supervisord(config: str, args: tuple[str, ...]) -> None:
-    """Run supervisord (--config FILE, default deploy/supervisord.conf) with SMS_RUN_DIR set.
-
-    SMS_RUN_DIR defaults to a directory under the system temp dir; it is printed on start.
-    Other arguments go to supervisord as they are (e.g. -n); --launcher-help shows this help.
-    """
-    exec_supervisor("supervisord", config, args)
-
-
-@main.command(context_settings=_PASS_THROUGH)
-@_CONFIG
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def supervisorctl(config: str, args: tuple[str, ...]) -> None:
-    """Run supervisorctl (--config FILE) against `polyv-sms supervisord` (status, stop all...).
-
-    Other arguments go to supervisorctl as they are; --launcher-help shows this help.
-    """
-    exec_supervisor("supervisorctl", config, args)
+for _command in RUNNING_COMMANDS:
+    main.add_command(_command)
