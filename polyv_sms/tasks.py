@@ -23,6 +23,7 @@ import redis
 from celery import Task, signals
 from celery.backends.redis import RedisBackend
 from celery.exceptions import Ignore, Reject, WorkerShutdown
+from celery.result import task_join_will_block
 from kombu.exceptions import OperationalError
 
 from polyv_sms import background, metrics
@@ -85,6 +86,8 @@ class SendSmsTask(Task):  # type: ignore[misc]
 
         Raises:
             InvalidRequest: the request is malformed; nothing was published.
+            BrokerUnavailable: the broker or the result backend could not be reached within
+                ENQUEUE_BOUND_S (``variable`` says which); nothing was published.
         """
         limit = self.app.conf.get("polyv_sms_account_daily_limit") or DEFAULT_ACCOUNT_DAILY_LIMIT
         request = validate_request(args, kwargs, account_daily_limit=limit)
@@ -116,8 +119,8 @@ class SendSmsTask(Task):  # type: ignore[misc]
             BrokerUnavailable: the result backend did not answer; nothing was published.
         """
         backend = self.backend
-        if not isinstance(backend, RedisBackend):
-            return  # no result backend, or one that needs no subscription
+        if task_join_will_block() or not isinstance(backend, RedisBackend):
+            return  # in a worker (retries, the reconciler); or no backend that subscribes
         consumer = backend.result_consumer
         if not getattr(consumer, "_polyv_sms_bounded", False):
             # Celery's ResultConsumer reconnects with ``_ensure``: bound it (see above).
