@@ -146,7 +146,7 @@ def test_errors_are_messages_with_exit_codes(env) -> None:
         (env | {"SMS_PHONE_DAILY_LIMIT": "ten"}, ("quota",), 2, "SMS_PHONE_DAILY_LIMIT"),
         (env | {"SMS_REDIS_URL": "redis://127.0.0.1:1/0"}, ("quota",), 1, "SMS_REDIS_URL"),
         (env, ("send", "13900000911", "-p", "code"), 2, "NAME=VALUE"),
-        (env, ("send", "13900000911", "-p", "code=1", "--message-id", "a b"), 2, "message_id"),
+        (env, ("send", "13900000911", "-p", "code=1", "--message-id", "a b"), 2, "--message-id"),
         (env | {"POLYV_APP_SECRET": ""}, ("worker",), 2, "POLYV_APP_SECRET must be set"),
         (env, ("dead", "--requeue", "no-such-message"), 1, "no message"),
     ]

@@ -179,6 +179,8 @@ def test_exit_3_when_a_number_is_not_accepted(start_worker, sim, account, redis_
         (("send", "13900000001", "-p", "code="), "the value of code is empty"),
         (("send", "13900000001", "-p", "code= "), "the value of code is empty"),
         (("dead", "--timeout", "-1"), "--timeout"),
+        (("send", "13900000001", "-p", "code=1", "-p", "code=2"), "-p NAME: names repeat"),
+        (("send", "13900000001", "-p", "code=1", "--message-id", "a b"), "--message-id: must"),
     ],
 )
 def test_bad_input_exits_2_with_what_is_expected(args: tuple[str, ...], expected: str) -> None:

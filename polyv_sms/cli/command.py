@@ -20,7 +20,7 @@ import redis
 
 from polyv_sms import __version__
 from polyv_sms.cli import formatting as fmt
-from polyv_sms.cli.inputs import check_day, check_number, template_params
+from polyv_sms.cli.inputs import check_day, check_number, in_cli_words, template_params
 from polyv_sms.cli.run import (
     CliError,
     CliUsageError,
@@ -54,8 +54,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ConfigError, InvalidRequest) as exc:
+        except ConfigError as exc:
             raise CliUsageError(str(exc)) from None
+        except InvalidRequest as exc:
+            raise CliUsageError(in_cli_words(str(exc))) from None
         except LedgerUnavailable as exc:
             raise CliError(f"{exc} (SMS_REDIS_URL)") from None
         except redis.RedisError as exc:

@@ -4,12 +4,34 @@ is a usage error (exit 2) that says what is expected, in the command's words."""
 from __future__ import annotations
 
 import datetime
+import re
 
 import click
 
 from polyv_sms.polyv.phones import check_phone
 
-__all__ = ["check_day", "check_number", "template_params"]
+__all__ = ["check_day", "check_number", "in_cli_words", "template_params"]
+
+#: The Python API's argument names, as the command's user knows them.
+_CLI_NAMES = {
+    "phone_numbers": "NUMBERS",
+    "template_param_names": "-p NAME",
+    "template_param_values": "-p VALUE",
+    "message_id": "--message-id",
+}
+_FIELD = re.compile(r"(\w+)(?:\[(\d+)\])?: ")
+
+
+def in_cli_words(message: str) -> str:
+    """An :class:`~polyv_sms.errors.InvalidRequest` message with the field it names said as
+    the command's option (``template_param_values[1]: ...`` -> ``-p VALUE #2: ...``)."""
+    found = _FIELD.match(message)
+    if found is None or found.group(1) not in _CLI_NAMES:
+        return message
+    where = _CLI_NAMES[found.group(1)]
+    if found.group(2) is not None:
+        where += f" #{int(found.group(2)) + 1}"
+    return f"{where}: {message[found.end() :]}"
 
 
 def template_params(params: tuple[str, ...]) -> tuple[list[str], list[str]]:
