@@ -28,7 +28,8 @@ class BackgroundError(Exception):
 
 
 def start(enqueue_again: Enqueue) -> None:
-    """Start the reconciler and, when ``SMS_METRICS_PORT`` is set, the metrics endpoint.
+    """Start the reconciler, the mover of mis-routed tasks (Redis brokers) and, when
+    ``SMS_METRICS_PORT`` is set, the metrics endpoint.
 
     A worker without the parts it was configured with is a silent half-start (no metrics
     scraped, no reconciler sweeping): the caller stops the worker on :class:`BackgroundError`.
@@ -38,8 +39,8 @@ def start(enqueue_again: Enqueue) -> None:
             hands its own in, so that this module does not import Celery's task).
 
     Raises:
-        BackgroundError: the metrics endpoint or the reconciler could not start; the message
-            says which and why (naming the variable).
+        BackgroundError: one of them could not start; the message says which and why
+            (naming the variable).
     """
     global _reconciler, _mover  # noqa: PLW0603 - one per worker process
     try:
@@ -71,7 +72,12 @@ def start(enqueue_again: Enqueue) -> None:
                 raise BackgroundError(f"the reconciler could not start: {exc}") from exc
             log.info("reconciler sweeping every %gs", settings.reconcile_interval_s)
         if _mover is None:
-            _mover = MisroutedMover.for_broker(settings.broker_url)
+            try:
+                _mover = MisroutedMover.for_broker(settings.broker_url)
+            except Exception as exc:
+                raise BackgroundError(
+                    f"the mover of mis-routed tasks could not start: {exc}"
+                ) from exc
             if _mover is not None:
                 _mover.start()
 

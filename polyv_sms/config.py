@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_RETRY_BACKOFF_S",
     "DEFAULT_TIMEZONE",
     "DEFAULT_VISIBILITY_TIMEOUT_S",
+    "MAX_PORT",
     "POLYV_MAX_NUMBERS_PER_REQUEST",
     "Secret",
     "Settings",
@@ -55,7 +56,7 @@ DEFAULT_WORKER_CONCURRENCY = 16
 POLYV_MAX_NUMBERS_PER_REQUEST = 200
 #: In-place retries of a connection that never reached Polyv take at most this long together.
 DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
-#: The highest TCP port (SMS_METRICS_PORT, plus a worker's index, must stay below it).
+#: The highest TCP port: SMS_METRICS_PORT plus a worker's index may not exceed it.
 MAX_PORT = 65535
 
 
