@@ -316,3 +316,50 @@ def test_healthcheck_answers_for_every_worker_process(
         worker.stop()
     gone = polyv_sms(env, *check, "--processes", "1")
     assert gone.returncode == 1
+
+
+_RECOVER = textwrap.dedent(
+    """
+    import sys
+    from polyv_sms import BrokerUnavailable
+    from polyv_sms.tasks import send_sms
+    try:
+        send_sms.delay(["13900000001"], ["code"], ["1"])
+        sys.exit("published while Redis was down")
+    except BrokerUnavailable:
+        pass
+    print("down", flush=True)
+    sys.stdin.readline()  # the test starts Redis again
+    print("published", send_sms.delay(["13900000001"], ["code"], ["1"]).id, flush=True)
+    """
+)
+
+
+def test_a_producer_enqueues_again_once_redis_is_back(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "back").start()
+    server.stop()
+    env = clean_env(SMS_BROKER_URL=server.url(0))
+    producer = subprocess.Popen(
+        [sys.executable, "-c", _RECOVER],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert producer.stdout is not None
+        assert producer.stdin is not None
+        assert producer.stdout.readline().strip() == "down"
+        server.start()
+        producer.stdin.write("\n")
+        producer.stdin.flush()
+        out, err = producer.communicate(timeout=60)
+        assert producer.returncode == 0, err
+        assert out.startswith("published ")
+        with server.client(0) as broker:
+            assert broker.llen("sms") == 1
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+        server.stop()
