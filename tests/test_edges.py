@@ -363,3 +363,31 @@ def test_a_producer_enqueues_again_once_redis_is_back(tmp_path: Path) -> None:
         if producer.poll() is None:
             producer.kill()
         server.stop()
+
+
+def test_the_mover_takes_only_send_sms_messages(own_redis: RedisServer) -> None:
+    from polyv_sms.misrouted import MisroutedMover
+
+    def message(task: str, task_id: str) -> str:
+        return json.dumps(
+            {
+                "body": "W10=",
+                "headers": {"task": task, "id": task_id},
+                "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"}},
+            }
+        )
+
+    ours, theirs = message("polyv_sms.send_sms", "t-1"), message("someone.else", "t-2")
+    broken = '{"not json but mentions polyv_sms.send_sms'
+    with own_redis.client(0) as broker:
+        broker.lpush("celery", ours, theirs, broken)  # ours is at the head (BRPOP end)
+        mover = MisroutedMover.for_broker(own_redis.url(0))
+        assert mover is not None
+        assert mover.sweep() == ["t-1"]
+        assert mover.sweep() == []
+        assert broker.lrange("celery", 0, -1) == [broken, theirs]
+        (moved,) = broker.lrange("sms", 0, -1)
+        assert json.loads(moved)["properties"]["delivery_info"]["routing_key"] == "sms"
+        assert json.loads(moved)["headers"] == json.loads(ours)["headers"]
+        mover.client.close()
+    assert MisroutedMover.for_broker("amqp://guest@127.0.0.1//") is None
