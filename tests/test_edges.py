@@ -391,3 +391,10 @@ def test_the_mover_takes_only_send_sms_messages(own_redis: RedisServer) -> None:
         assert json.loads(moved)["headers"] == json.loads(ours)["headers"]
         mover.client.close()
     assert MisroutedMover.for_broker("amqp://guest@127.0.0.1//") is None
+
+
+def test_healthcheck_with_the_broker_down_is_unhealthy(stopped_redis: str) -> None:
+    done = polyv_sms(clean_env(SMS_BROKER_URL=f"{stopped_redis}/0"), "healthcheck")
+    assert done.returncode == 1
+    assert done.stderr.startswith("polyv-sms: error: cannot ask the workers over the broker")
+    assert done.stderr.count("\n") == 1, done.stderr

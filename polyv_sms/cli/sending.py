@@ -15,6 +15,9 @@ import redis
 from polyv_sms.cli.run import EXIT_NOT_ACCEPTED, CliError
 from polyv_sms.errors import BrokerUnavailable
 
+#: What Celery's result consumer says when it gives up reconnecting to the result backend.
+_CELERY_GAVE_UP = "Retry limit exceeded"
+
 __all__ = [
     "exit_if_not_accepted",
     "ping_workers",
@@ -25,6 +28,11 @@ __all__ = [
 
 
 def wait_result(async_result: Any, timeout: float, message_id: str) -> dict[str, Any]:
+    """The task's result, waited for at most ``timeout`` seconds.
+
+    Raises:
+        CliError: no result in time, the result backend lost, or the task failed; one line.
+    """
     from celery.exceptions import TimeoutError as ResultTimeout  # noqa: PLC0415
 
     try:
@@ -34,7 +42,9 @@ def wait_result(async_result: Any, timeout: float, message_id: str) -> dict[str,
             f"no result within {timeout:g}s; the message is queued or waiting for a retry "
             f"(see: polyv-sms status {message_id})"
         ) from None
-    except (RuntimeError, redis.RedisError) as exc:  # Celery gave up on the result backend
+    except (RuntimeError, redis.ConnectionError) as exc:
+        if isinstance(exc, RuntimeError) and _CELERY_GAVE_UP not in str(exc):
+            raise CliError(f"the task failed: RuntimeError: {exc}") from None
         raise CliError(
             "lost the result backend (SMS_RESULT_BACKEND) while waiting; the message is queued "
             f"(see: polyv-sms status {message_id})"
@@ -53,11 +63,21 @@ def stop_listening(async_result: Any) -> None:
         async_result.backend.remove_pending_result(async_result)
 
 
-def publish(publish: Callable[[], Any], hint: str = "") -> Any:
+def publish(enqueue: Callable[[], Any], hint: str = "") -> Any:
+    """Run ``enqueue`` (a ``delay()`` or ``apply_async()``) and return what it returns.
+
+    Args:
+        enqueue: publishes the task.
+        hint: appended to the error line (what to do about a half-done operation).
+
+    Raises:
+        CliError: the broker or the result backend could not be reached; one line naming
+            the variable, nothing was published.
+    """
     # Celery logs each reconnect attempt; the one line below says it all.
     logging.getLogger("celery").setLevel(logging.CRITICAL + 1)
     try:
-        return publish()
+        return enqueue()
     except BrokerUnavailable as exc:
         unset = (
             exc.variable == "SMS_RESULT_BACKEND" and not os.environ.get(exc.variable, "").strip()
