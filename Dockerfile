@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY polyv_sms ./polyv_sms
-RUN pip install . "supervisor>=4.2" "flower>=2.0"
+# Pinned: a rebuild gets the supervisord and Flower this image was tested with.
+RUN pip install . "supervisor==4.3.0" "flower==2.2.0"
 COPY deploy ./deploy
 
 # supervisord's log files, pid file and control socket (deploy/supervisord.conf)
@@ -23,4 +24,9 @@ USER sms
 
 # 9100-9101 worker metrics, 8080 simulator, 5555 Flower
 EXPOSE 9100 9101 8080 5555
+# Healthy when every worker process (numprocs in deploy/supervisord.conf) answers a ping over
+# the broker: supervisord itself stays up when its workers are FATAL. docker-compose.yml turns
+# it off for the simulator and Flower, which run other commands from this image.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=30s --retries=3 \
+    CMD ["polyv-sms", "healthcheck", "--processes", "2"]
 CMD ["supervisord", "-n", "-c", "deploy/supervisord.conf"]

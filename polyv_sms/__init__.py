@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from polyv_sms.config import Settings
 from polyv_sms.errors import (
+    BrokerUnavailable,
     ConfigError,
     InvalidRequest,
     PermanentError,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerUnavailable",
     "ConfigError",
     "InvalidRequest",
     "PermanentError",

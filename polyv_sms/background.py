@@ -1,4 +1,5 @@
-"""What a worker runs beside its tasks: the reconciler thread and the metrics endpoint."""
+"""What a worker runs beside its tasks: the reconciler thread, the metrics endpoint and the
+mover of mis-routed tasks (:mod:`polyv_sms.misrouted`)."""
 
 from __future__ import annotations
 
@@ -8,56 +9,86 @@ import threading
 
 from polyv_sms import metrics
 from polyv_sms.ledger.reconcile import Enqueue, Reconciler
+from polyv_sms.misrouted import MisroutedMover
 from polyv_sms.runtime import get_runtime
 
-__all__ = ["start", "stop"]
+__all__ = ["BackgroundError", "start", "stop"]
 
 log = logging.getLogger("polyv_sms.background")
 
 _lock = threading.Lock()
 _reconciler: Reconciler | None = None
+_mover: MisroutedMover | None = None
 #: Set by supervisord (``%(process_num)d``) so that worker N serves metrics on port + N.
 WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
 
 
+class BackgroundError(Exception):
+    """A part of the worker beside its tasks could not start; the worker must stop."""
+
+
 def start(enqueue_again: Enqueue) -> None:
-    """Start the reconciler and, when ``SMS_METRICS_PORT`` is set, the metrics endpoint.
+    """Start the reconciler, the mover of mis-routed tasks (Redis brokers) and, when
+    ``SMS_METRICS_PORT`` is set, the metrics endpoint.
+
+    A worker without the parts it was configured with is a silent half-start (no metrics
+    scraped, no reconciler sweeping): the caller stops the worker on :class:`BackgroundError`.
 
     Args:
         enqueue_again: how the reconciler puts a message back on the broker (the task module
             hands its own in, so that this module does not import Celery's task).
+
+    Raises:
+        BackgroundError: one of them could not start; the message says which and why
+            (naming the variable).
     """
-    global _reconciler  # noqa: PLW0603 - one per worker process
-    runtime = get_runtime()
+    global _reconciler, _mover  # noqa: PLW0603 - one per worker process
+    try:
+        runtime = get_runtime()
+    except Exception as exc:
+        raise BackgroundError(f"cannot build the worker's runtime: {exc}") from exc
     settings = runtime.settings
     with _lock:
         if settings.metrics_port is not None:
-            raw_index = os.environ.get(WORKER_INDEX_ENV, "") or "0"
-            index = int(raw_index) if raw_index.isdigit() else 0
+            raw_index = os.environ.get(WORKER_INDEX_ENV, "").strip() or "0"
             if not raw_index.isdigit():
-                log.error(
-                    "%s=%r is not a number; serving metrics as worker 0",
-                    WORKER_INDEX_ENV,
-                    raw_index,
-                )
-            port = settings.metrics_port + index
+                raise BackgroundError(f"{WORKER_INDEX_ENV}={raw_index!r} is not a number")
+            port = settings.metrics_port + int(raw_index)
             try:
                 metrics.serve(port)
-            except OSError as exc:
-                # Sending matters more than metrics: keep the worker (and the reconciler) up.
-                log.error("metrics: cannot listen on port %d (%s); no metrics served", port, exc)
+            except (OSError, OverflowError) as exc:
+                raise BackgroundError(
+                    f"metrics: cannot listen on port {port} (SMS_METRICS_PORT="
+                    f"{settings.metrics_port} + {WORKER_INDEX_ENV}={raw_index}): {exc}"
+                ) from exc
         if _reconciler is None and settings.reconcile_interval_s > 0:
             _reconciler = Reconciler(
                 runtime.ledger, enqueue_again, interval_s=settings.reconcile_interval_s
             )
-            _reconciler.start()
+            try:
+                _reconciler.start()
+            except Exception as exc:
+                _reconciler = None
+                raise BackgroundError(f"the reconciler could not start: {exc}") from exc
             log.info("reconciler sweeping every %gs", settings.reconcile_interval_s)
+        if _mover is None:
+            try:
+                _mover = MisroutedMover.for_broker(settings.broker_url)
+            except Exception as exc:
+                raise BackgroundError(
+                    f"the mover of mis-routed tasks could not start: {exc}"
+                ) from exc
+            if _mover is not None:
+                _mover.start()
 
 
 def stop() -> None:
-    """Stop the reconciler thread."""
-    global _reconciler  # noqa: PLW0603
+    """Stop the reconciler and the mover of mis-routed tasks."""
+    global _reconciler, _mover  # noqa: PLW0603
     with _lock:
         if _reconciler is not None:
             _reconciler.stop()
             _reconciler = None
+        if _mover is not None:
+            _mover.stop()
+            _mover = None

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_RETRY_BACKOFF_S",
     "DEFAULT_TIMEZONE",
     "DEFAULT_VISIBILITY_TIMEOUT_S",
+    "MAX_PORT",
     "POLYV_MAX_NUMBERS_PER_REQUEST",
     "Secret",
     "Settings",
@@ -55,6 +56,8 @@ DEFAULT_WORKER_CONCURRENCY = 16
 POLYV_MAX_NUMBERS_PER_REQUEST = 200
 #: In-place retries of a connection that never reached Polyv take at most this long together.
 DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
+#: The highest TCP port: SMS_METRICS_PORT plus a worker's index may not exceed it.
+MAX_PORT = 65535
 
 
 def exchange_deadline_s(http_timeout_s: float) -> float:
@@ -121,6 +124,13 @@ def _number(
 
 def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
     return int(_number(env, name, default, minimum=minimum, integer=True))
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    port = _integer(env, name, 0, minimum=1)
+    if port > MAX_PORT:
+        raise ConfigError(f"{name}={port} is not a TCP port (1 to {MAX_PORT})")
+    return port
 
 
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
@@ -267,9 +277,7 @@ class Settings:
             worker_concurrency=_integer(
                 env, "SMS_WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY, minimum=1
             ),
-            metrics_port=None
-            if metrics_port is None
-            else _integer(env, "SMS_METRICS_PORT", 0, minimum=0),
+            metrics_port=None if metrics_port is None else _port(env, "SMS_METRICS_PORT"),
         )
 
     def require_credentials(self) -> tuple[str, Secret]:

@@ -11,7 +11,8 @@ One root, with branches that match what the worker does about them::
     │   │   └── AmbiguousSend  the request left but no answer came: Polyv may have sent it
     │   ├── RateLimited        Polyv's "qps exceeds number of calls"
     │   ├── UnexpectedResponse the body is not the documented JSON
-    │   └── LedgerUnavailable  the quota/receipt Redis could not be reached in time
+    │   ├── LedgerUnavailable  the quota/receipt Redis could not be reached in time
+    │   └── BrokerUnavailable  enqueueing: the broker or result backend could not be reached
     ├── PermanentError         Polyv refused the request (bad appId, sign, parameters)
     └── QuotaError             a daily limit stops the send
 """
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AmbiguousSend",
     "BatchTooLarge",
+    "BrokerUnavailable",
     "ConfigError",
     "InvalidRequest",
     "LedgerUnavailable",
@@ -86,6 +88,22 @@ class UnexpectedResponse(TransientError):
 
 class LedgerUnavailable(TransientError):
     """The Redis that holds quotas and receipts did not answer within the retry budget."""
+
+
+class BrokerUnavailable(TransientError):
+    """Enqueueing failed: the broker or the result backend could not be reached in time.
+
+    ``send_sms.delay()`` raises it within ``ENQUEUE_BOUND_S`` (see :mod:`polyv_sms.tasks`)
+    instead of Celery's own errors; the task was not published.
+
+    Attributes:
+        variable: the setting that names the unreachable server: ``SMS_BROKER_URL`` or
+            ``SMS_RESULT_BACKEND``.
+    """
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message)
+        self.variable = variable
 
 
 class PermanentError(SmsError):

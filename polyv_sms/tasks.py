@@ -4,30 +4,53 @@ Producers call ``send_sms.delay(...)``: the request is validated before anything
 published, so a bad request raises :class:`~polyv_sms.errors.InvalidRequest` in the caller and
 nothing is enqueued. Producers that enqueue by name (``send_task``) are validated again in the
 worker: the task fails at once, nothing is sent and no retry follows.
+
+An unreachable broker or result backend makes ``send_sms.delay()`` raise
+:class:`~polyv_sms.errors.BrokerUnavailable` within :data:`ENQUEUE_BOUND_S` (when the server
+refuses connections: stopped, wrong port), never Celery's own errors; the task is then not
+published.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+import uuid
 from typing import Any
 
 import redis
 from celery import Task, signals
-from celery.exceptions import Ignore, Reject
+from celery.backends.redis import RedisBackend
+from celery.exceptions import Ignore, Reject, WorkerShutdown
+from celery.result import task_join_will_block
+from kombu.exceptions import OperationalError
 
 from polyv_sms import background, metrics
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
-from polyv_sms.errors import InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import BrokerUnavailable, InvalidRequest, LedgerUnavailable
 from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
 from polyv_sms.worker import TASK_NAME, app
 
-__all__ = ["SendSmsTask", "enqueue_again", "send_sms"]
+__all__ = ["ENQUEUE_BOUND_S", "SendSmsTask", "enqueue_again", "send_sms"]
 
 log = logging.getLogger("polyv_sms.tasks")
 
 _SHOWN_NUMBERS = 10
+#: A producer reconnects to an unreachable result backend this often before ``delay()`` gives
+#: up (Celery's own policy, 20 tries a second apart, made ``delay()`` hang for 20 s).
+RESULT_RECONNECT_POLICY = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
+#: ``delay()`` raises BrokerUnavailable within this many seconds when the result backend
+#: (about 2 s, RESULT_RECONNECT_POLICY) or the broker (about 6.5 s, PUBLISH_RETRY_POLICY)
+#: refuses connections. tests/test_edges.py checks it against a stopped redis-server.
+ENQUEUE_BOUND_S = 10.0
 
 
 def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
@@ -63,15 +86,59 @@ class SendSmsTask(Task):  # type: ignore[misc]
 
         Raises:
             InvalidRequest: the request is malformed; nothing was published.
+            BrokerUnavailable: the broker or the result backend could not be reached within
+                ENQUEUE_BOUND_S (``variable`` says which); nothing was published.
         """
         limit = self.app.conf.get("polyv_sms_account_daily_limit") or DEFAULT_ACCOUNT_DAILY_LIMIT
         request = validate_request(args, kwargs, account_daily_limit=limit)
         checked = request.as_kwargs()
         options.setdefault("argsrepr", "()")
         options.setdefault("kwargsrepr", masked_kwargs_repr(checked))
-        return super().apply_async(
-            (), checked, task_id, producer, link, link_error, shadow, **options
-        )
+        task_id = task_id or str(uuid.uuid4())
+        if not options.get("ignore_result", self.ignore_result):
+            self._listen_for_result(task_id)
+        try:
+            return super().apply_async(
+                (), checked, task_id, producer, link, link_error, shadow, **options
+            )
+        except OperationalError as exc:
+            raise BrokerUnavailable(
+                f"cannot reach the broker (SMS_BROKER_URL): {_reason(exc)}; the task was not "
+                "published",
+                variable="SMS_BROKER_URL",
+            ) from exc
+
+    def _listen_for_result(self, task_id: str) -> None:
+        """Subscribe to the task's result before publishing, within a bounded time.
+
+        Celery subscribes inside ``apply_async`` (then finds this subscription and skips it);
+        doing it here tells a result-backend failure from a broker failure, before anything
+        is published.
+
+        Raises:
+            BrokerUnavailable: the result backend did not answer; nothing was published.
+        """
+        backend = self.backend
+        if task_join_will_block() or not isinstance(backend, RedisBackend):
+            return  # in a worker (retries, the reconciler); or no backend that subscribes
+        consumer = backend.result_consumer
+        if not getattr(consumer, "_polyv_sms_bounded", False):
+            # Celery's ResultConsumer reconnects with ``_ensure``: bound it (see above).
+            consumer._ensure = functools.partial(backend.ensure, **RESULT_RECONNECT_POLICY)
+            consumer._polyv_sms_bounded = True
+        try:
+            backend.on_task_call(None, task_id)
+        except (RuntimeError, redis.RedisError, OperationalError) as exc:
+            cause = exc.__cause__ or exc
+            raise BrokerUnavailable(
+                f"cannot reach the result backend (SMS_RESULT_BACKEND): {_reason(cause)}; the "
+                "task was not published",
+                variable="SMS_RESULT_BACKEND",
+            ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip().rstrip(".") or type(exc).__name__
 
 
 def _retry_cap(settings: Settings) -> int:
@@ -161,9 +228,21 @@ def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None
     send_sms.apply_async(kwargs=kwargs, task_id=task_id)
 
 
+#: A worker whose background parts could not start exits with this status.
+EXIT_BACKGROUND_FAILED = 70  # EX_SOFTWARE
+
+
 @signals.worker_ready.connect
 def _start_background(**_: Any) -> None:
-    background.start(enqueue_again)
+    try:
+        background.start(enqueue_again)
+    except background.BackgroundError as exc:
+        # Celery logs and swallows a signal handler's Exception; a SystemExit (WorkerShutdown)
+        # gets through and stops the worker, warm: nothing was taken from the queue yet.
+        log.critical("polyv-sms worker: %s; stopping the worker", exc)
+        sys.stderr.write(f"polyv-sms worker: {exc}; stopping the worker\n")
+        sys.stderr.flush()
+        raise WorkerShutdown(EXIT_BACKGROUND_FAILED) from None
 
 
 @signals.worker_shutting_down.connect

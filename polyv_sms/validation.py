@@ -131,6 +131,12 @@ def validate_request(
                 f"not {type(value).__name__}"
             )
         text = value if isinstance(value, str) else str(value)
+        if not text.strip():
+            # An SMS with an empty code or name is always a bug of the caller, never intended.
+            raise InvalidRequest(
+                f"template_param_values[{i}]: the value of {names[i]!r} is empty; give one "
+                "that is not blank"
+            )
         if len(text) > MAX_PARAM_CHARS:
             raise InvalidRequest(
                 f"template_param_values[{i}]: {len(text)} characters; at most {MAX_PARAM_CHARS}"

@@ -38,8 +38,8 @@ def run(env: dict[str, str], *args: str, code: int = 0) -> subprocess.CompletedP
     return done
 
 
-def run_json(env: dict[str, str], *args: str) -> object:
-    return json.loads(run(env, *args, "--json").stdout)
+def run_json(env: dict[str, str], *args: str, code: int = 0) -> object:
+    return json.loads(run(env, *args, "--json", code=code).stdout)
 
 
 @pytest.fixture
@@ -51,8 +51,19 @@ def test_send_and_look_everything_up(start_worker, sim, env, account) -> None:
     start_worker(SMS_MAX_ATTEMPTS=2)
     good, bad = "13900000901", "13900000902"
     sim.set_faults(fail_numbers={bad: 1000})
+    # Exit 3: the outcome came, and some numbers did not end accepted.
     sent = run_json(
-        env, "send", good, bad, "12345", "-p", "code=1234", "--message-id", "cli-1", "--wait"
+        env,
+        "send",
+        good,
+        bad,
+        "12345",
+        "-p",
+        "code=1234",
+        "--message-id",
+        "cli-1",
+        "--wait",
+        code=3,
     )
     assert sent["message_id"] == "cli-1"
     assert [(r["phone_number"], r["outcome"]) for r in sent["results"]] == [
@@ -114,7 +125,7 @@ def test_send_and_look_everything_up(start_worker, sim, env, account) -> None:
 
     # Requeue: the failed number is sent again, the accepted one is not.
     sim.set_faults(fail_numbers={})
-    again = run_json(env, "dead", "--requeue", "cli-1", "--wait")
+    again = run_json(env, "dead", "--requeue", "cli-1", "--wait", code=3)  # 12345 is invalid
     assert {r["phone_number"]: r["outcome"] for r in again["results"]} == {
         good: "accepted",
         bad: "accepted",
@@ -135,7 +146,7 @@ def test_errors_are_messages_with_exit_codes(env) -> None:
         (env | {"SMS_PHONE_DAILY_LIMIT": "ten"}, ("quota",), 2, "SMS_PHONE_DAILY_LIMIT"),
         (env | {"SMS_REDIS_URL": "redis://127.0.0.1:1/0"}, ("quota",), 1, "SMS_REDIS_URL"),
         (env, ("send", "13900000911", "-p", "code"), 2, "NAME=VALUE"),
-        (env, ("send", "13900000911", "-p", "code=1", "--message-id", "a b"), 2, "message_id"),
+        (env, ("send", "13900000911", "-p", "code=1", "--message-id", "a b"), 2, "--message-id"),
         (env | {"POLYV_APP_SECRET": ""}, ("worker",), 2, "POLYV_APP_SECRET must be set"),
         (env, ("dead", "--requeue", "no-such-message"), 1, "no message"),
     ]

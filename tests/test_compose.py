@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import re
 
 import pytest
@@ -129,3 +130,28 @@ def test_tools_use_the_same_image_and_commands(compose) -> None:
     images = {services[name]["image"] for name in ("worker", "simulator", "flower")}
     assert images == {"polyv-sms:latest"}
     assert all(services[name]["build"] == "." for name in ("worker", "simulator", "flower"))
+
+
+def test_the_worker_has_a_health_check_and_the_tools_are_pinned(compose, program) -> None:
+    services = compose["services"]
+    check = services["worker"]["healthcheck"]
+    test = [str(part) for part in check["test"]]
+    assert test[:3] == ["CMD", "polyv-sms", "healthcheck"]
+    # It asks every worker process supervisord runs, not just supervisord.
+    assert test[test.index("--processes") + 1] == program["numprocs"]
+    # The check's own wait (5 s by default) fits in Docker's timeout for it.
+    assert int(str(check["timeout"]).rstrip("s")) > 5
+    assert int(str(check["start_period"]).rstrip("s")) >= int(program["startsecs"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    image_check = re.search(r"^HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])$", dockerfile, re.M)
+    assert image_check
+    assert json.loads(image_check.group(1)) == test[1:]
+    # The simulator and Flower run other commands from the same image: not the worker's check.
+    for name in ("simulator", "flower"):
+        assert services[name]["healthcheck"] == {"disable": True}, name
+    # What the image installs beside the package is pinned to exact versions.
+    install = re.search(r"^RUN pip install (.*)$", dockerfile, re.M)
+    assert install
+    extras = install.group(1).split()[1:]
+    assert [re.sub(r"==.*", "", e.strip('"')) for e in extras] == ["supervisor", "flower"]
+    assert all(re.fullmatch(r'"[a-z]+==\d+(\.\d+)+"', e) for e in extras), extras

@@ -50,6 +50,9 @@ def test_demo_runs_everything_in_process_and_exits_0(tmp_path) -> None:
     # Progress while it runs: Polyv requests, with status 11 answers, and finished messages.
     progress = out.split("\nProgress\n")[1].split("\nOutcomes")[0]
     assert "-> 11 (Aliyun failed, will retry)" in progress
+    # The number that always fails: two retries announced, then the attempt that gives up.
+    assert progress.count("13800138004 -> 11 (Aliyun failed, will retry)") == 2
+    assert progress.count("13800138004 -> 11 (Aliyun failed, giving up after 3 attempts)") == 1
     assert "-> 12 (accepted)" in progress
     assert "message demo-retry done: accepted 1" in progress
 

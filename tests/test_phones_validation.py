@@ -41,7 +41,8 @@ def test_valid_numbers_normalise_to_11_digits(given: object, expected: str) -> N
         (True, "not bool"),
         (1.7680476163e10, "not float"),
         (["17680476163"], "not list"),
-        ("１７６８０４７６１６３", "characters other than digits"),
+        ("１７６８０４７６１６３", "has digits other than ASCII 0-9 (full-width, say)"),
+        ("1", "has 1 digit;"),
         ("9" * 500, "characters long"),
     ],
 )
@@ -109,6 +110,12 @@ def test_positional_arguments_are_accepted() -> None:
         ({"template_param_values": [None]}, "template_param_values[0]", "NoneType"),
         ({"template_param_values": [True]}, "template_param_values[0]", "bool"),
         ({"template_param_values": ["x" * 501]}, "template_param_values[0]", "at most"),
+        ({"template_param_values": [""]}, "template_param_values[0]", "'code' is empty"),
+        (
+            {"template_param_names": ["name", "code"], "template_param_values": ["Li", "  "]},
+            "template_param_values[1]",
+            "'code' is empty",
+        ),
         ({"message_id": 5}, "message_id", "must be a string"),
         ({"message_id": "has space"}, "message_id", "without spaces"),
         ({"message_id": ""}, "message_id", "1 to"),

@@ -1,16 +1,15 @@
 """The ``polyv-sms`` command: send, look up, run and try polyv-sms.
 
 Settings come from the environment (``.env.example`` lists them). Tables by default, ``--json``
-for scripts. Exit codes: 0 done; 1 a failure (unknown message or receipt, Redis or the broker
-unreachable, no result in time); 2 bad usage or configuration (the message names the option or
-the variable).
+for scripts. Exit codes: 0 done; 1 a failure (unknown message or receipt, Redis, the broker or
+the result backend unreachable, no result in time); 2 bad usage or configuration (the message
+names the option or the variable); 3 ``--wait`` got the outcome and some number did not end
+``accepted`` (failed, invalid, over a limit).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,15 +20,19 @@ import redis
 
 from polyv_sms import __version__
 from polyv_sms.cli import formatting as fmt
+from polyv_sms.cli.inputs import check_day, check_number, in_cli_words, template_params
 from polyv_sms.cli.run import (
     CliError,
     CliUsageError,
-    exec_supervisor,
-    fault_rate_options,
     requeue_kwargs,
-    serve_simulator,
 )
-from polyv_sms.config import DEFAULT_TIMEZONE, Settings
+from polyv_sms.cli.running import RUNNING_COMMANDS
+from polyv_sms.cli.sending import (
+    exit_if_not_accepted,
+    publish,
+    wait_result,
+)
+from polyv_sms.config import Settings
 from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
 from polyv_sms.ledger import connect_redis, stored_requests
 from polyv_sms.ledger.receipts import Receipts
@@ -39,7 +42,6 @@ __all__ = ["main"]
 #: Look-ups give up on an unreachable Redis after this long (workers wait SMS_REDIS_OUTAGE).
 CLI_REDIS_OUTAGE_S = 2.0
 DEFAULT_WAIT_S = 120.0
-DEFAULT_SUPERVISORD_CONFIG = "deploy/supervisord.conf"
 
 
 class _Group(click.Group):
@@ -52,8 +54,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ConfigError, InvalidRequest) as exc:
+        except ConfigError as exc:
             raise CliUsageError(str(exc)) from None
+        except InvalidRequest as exc:
+            raise CliUsageError(in_cli_words(str(exc))) from None
         except LedgerUnavailable as exc:
             raise CliError(f"{exc} (SMS_REDIS_URL)") from None
         except redis.RedisError as exc:
@@ -97,30 +101,6 @@ def _receipts() -> Receipts:
     return Receipts(build_ledger(settings, connect_redis(settings.require_redis_url())))
 
 
-def _wait(async_result: Any, timeout: float, message_id: str) -> dict[str, Any]:
-    from celery.exceptions import TimeoutError as ResultTimeout  # noqa: PLC0415
-
-    try:
-        result: dict[str, Any] = async_result.get(timeout=timeout)
-    except ResultTimeout:
-        raise CliError(
-            f"no result within {timeout:g}s; the message is queued or waiting for a retry "
-            f"(see: polyv-sms status {message_id})"
-        ) from None
-    except Exception as exc:  # the task's own failure, re-raised by Celery
-        raise CliError(f"the task failed: {type(exc).__name__}: {exc}") from None
-    return result
-
-
-def _publish(publish: Callable[[], Any], hint: str = "") -> Any:
-    from kombu.exceptions import OperationalError  # noqa: PLC0415
-
-    try:
-        return publish()
-    except OperationalError as exc:
-        raise CliError(f"could not reach the broker (SMS_BROKER_URL): {exc}{hint}") from None
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="polyv-sms")
 def main() -> None:
@@ -138,12 +118,21 @@ def main() -> None:
     "params",
     multiple=True,
     metavar="NAME=VALUE",
-    help="A template parameter; repeat it, in the template's order.",
+    help="A template parameter (at least one; no empty values); repeat it, in the template's "
+    "order.",
 )
 @click.option("--message-id", help="Idempotency key (default: the task id).")
-@click.option("--wait", is_flag=True, help="Wait for the outcome of every number.")
 @click.option(
-    "--timeout", type=float, default=DEFAULT_WAIT_S, show_default=True, help="Seconds --wait waits."
+    "--wait",
+    is_flag=True,
+    help="Wait for the outcome of every number; exit 3 if any did not end accepted.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=DEFAULT_WAIT_S,
+    show_default=True,
+    help="Seconds --wait waits.",
 )
 @json_option
 def send(
@@ -155,26 +144,27 @@ def send(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Enqueue one SMS to NUMBER... (the polyv_sms.send_sms task)."""
-    names, values = [], []
-    for param in params:
-        name, sep, value = param.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="--param")
-        names.append(name)
-        values.append(value)
+    """Enqueue one SMS to NUMBER... (the polyv_sms.send_sms task).
+
+    Exit status: 0 enqueued (with --wait: every number accepted); 1 a failure (the broker or
+    result backend unreachable, no result in time); 2 bad usage; 3 (--wait) some number did
+    not end accepted.
+    """
+    names, values = template_params(params)
     settings = _settings()
     if wait:
         _require_results(settings)
     from polyv_sms.tasks import send_sms  # noqa: PLC0415
 
-    pending = _publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
+    pending = publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
     key = message_id or pending.id
     if not wait:
         queued = {"message_id": key, "task_id": pending.id, "state": "enqueued"}
         _emit(queued, as_json, lambda d: f"enqueued message {key} (task {pending.id})")
         return
-    _emit(_wait(pending, timeout, key), as_json, fmt.render_result)
+    result = wait_result(pending, timeout, key)
+    _emit(result, as_json, fmt.render_result)
+    exit_if_not_accepted(result)
 
 
 @main.command()
@@ -203,8 +193,14 @@ def receipt(serial_no: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("number")
-@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.argument("number", callback=check_number)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="Show at most this many receipts.",
+)
 @json_option
 def phone(number: str, limit: int, as_json: bool) -> None:
     """A number's latest receipts and today's count against its daily limit."""
@@ -212,8 +208,16 @@ def phone(number: str, limit: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--day", metavar="YYYYMMDD", help="Another day than today (SMS_TIMEZONE).")
-@click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True)
+@click.option(
+    "--day", metavar="YYYYMMDD", callback=check_day, help="Another day than today (SMS_TIMEZONE)."
+)
+@click.option(
+    "--top",
+    type=click.IntRange(0, 1000),
+    default=10,
+    show_default=True,
+    help="Show this many of the busiest numbers.",
+)
 @json_option
 def quota(day: str | None, top: int, as_json: bool) -> None:
     """The account's use of the day against its limit, and the busiest numbers."""
@@ -221,15 +225,31 @@ def quota(day: str | None, top: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=50,
+    show_default=True,
+    help="Show at most this many messages.",
+)
 @click.option(
     "--requeue",
     "requeue_id",
     metavar="MESSAGE_ID",
     help="Send that message's failed numbers again.",
 )
-@click.option("--wait", is_flag=True, help="With --requeue: wait for the new outcomes.")
-@click.option("--timeout", type=float, default=DEFAULT_WAIT_S, show_default=True)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="With --requeue: wait for the new outcomes; exit 3 if any did not end accepted.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=DEFAULT_WAIT_S,
+    show_default=True,
+    help="Seconds --wait waits.",
+)
 @json_option
 def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_json: bool) -> None:
     """Messages with numbers that ended failed; --requeue sends one again."""
@@ -258,13 +278,15 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
         f"; its failed numbers were reset: send it again with polyv-sms send ... "
         f"--message-id {requeue_id} (accepted numbers are skipped)"
     )
-    publish = lambda: send_sms.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()))  # noqa: E731
-    pending = _publish(publish, hint)
+    requeue = lambda: send_sms.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()))  # noqa: E731
+    pending = publish(requeue, hint)
     if not wait:
         queued = {"message_id": requeue_id, "task_id": pending.id, "requeued": again}
         _emit(queued, as_json, lambda d: f"requeued {', '.join(again)} of message {requeue_id}")
         return
-    _emit(_wait(pending, timeout, requeue_id), as_json, fmt.render_result)
+    result = wait_result(pending, timeout, requeue_id)
+    _emit(result, as_json, fmt.render_result)
+    exit_if_not_accepted(result)
 
 
 @main.command()
@@ -279,7 +301,7 @@ def reconcile(as_json: bool) -> None:
         report: dict[str, Any] = {"skipped": "a worker's reconciler is sweeping right now"}
     else:
         report = {
-            "enqueued": _publish(lambda: Reconciler(ledger, enqueue_again, interval_s=1).sweep())
+            "enqueued": publish(lambda: Reconciler(ledger, enqueue_again, interval_s=1).sweep())
         }
 
     def render(data: dict[str, Any]) -> str:
@@ -290,119 +312,5 @@ def reconcile(as_json: bool) -> None:
     _emit(report, as_json, render)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.option(
-    "--concurrency",
-    "-c",
-    type=click.IntRange(min=1),
-    help="Threads (default: SMS_WORKER_CONCURRENCY, else 16).",
-)
-@click.option(
-    "--process-index",
-    type=click.IntRange(min=0),
-    help="This process's number under supervisord: sets SMS_WORKER_INDEX (metrics "
-    "port offset) and the node name.",
-)
-@click.option("--hostname", "-n", help="Node name (default: polyv-sms-<index>@%h).")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(
-    *,
-    concurrency: int | None,
-    process_index: int | None,
-    hostname: str | None,
-    loglevel: str,
-    celery_args: tuple[str, ...],
-) -> None:
-    """Run a worker: celery worker -Q sms -P threads with the recommended options.
-
-    Refuses to start without POLYV_APP_ID and POLYV_APP_SECRET. Extra arguments go to
-    `celery worker` as they are.
-    """
-    settings = _settings()
-    settings.require_credentials()
-    if process_index is not None:
-        os.environ["SMS_WORKER_INDEX"] = str(process_index)
-    index = os.environ.get("SMS_WORKER_INDEX", "").strip()
-    from polyv_sms.worker import QUEUE, app  # noqa: PLC0415
-
-    argv = [
-        "worker",
-        f"--queues={QUEUE}",
-        "--pool=threads",
-        f"--concurrency={concurrency or settings.worker_concurrency}",
-        f"--hostname={hostname or (f'polyv-sms-{index}@%h' if index else 'polyv-sms@%h')}",
-        f"--loglevel={loglevel}",
-        "--without-gossip",  # heartbeats and remote control stay on: Flower uses them
-        "--without-mingle",
-        *celery_args,
-    ]
-    sys.exit(app.start(argv) or 0)
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--app-id", envvar="POLYV_APP_ID", required=True, help="[env: POLYV_APP_ID]")
-@click.option(
-    "--app-secret",
-    envvar="POLYV_APP_SECRET",
-    required=True,
-    help="Prefer the environment: a command line shows in ps. [env: POLYV_APP_SECRET]",
-)
-@click.option("--phone-daily-limit", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--account-daily-limit", type=click.IntRange(min=0), default=2000, show_default=True)
-@click.option("--timezone", default=DEFAULT_TIMEZONE, show_default=True)
-@click.option(
-    "--fail-number",
-    "fail_numbers",
-    multiple=True,
-    metavar="NUMBER=COUNT",
-    help="Answer status 11 COUNT times for NUMBER, then accept it.",
-)
-@click.option("--latency", type=click.FloatRange(0), default=0.0, help="Seconds per answer.")
-@click.option(
-    "--slow-latency",
-    type=click.FloatRange(0),
-    default=0.0,
-    help="Extra seconds for --slow-rate of the answers.",
-)
-@click.option("--seed", type=int, help="Seed for the fault draws.")
-@fault_rate_options
-def simulator(**options: Any) -> None:
-    """Run the Polyv simulator: a stand-in for the SMS endpoint that sends nothing.
-
-    Point workers at it with POLYV_API_BASE=http://HOST:PORT. Fault shares: --status11-rate,
-    --http500-rate, --drop-rate, --garbage-rate, --rate-limit-rate, --slow-rate (0 to 1).
-    """
-    serve_simulator(options)
-
-
-@main.command()
-def demo() -> None:
-    """Try polyv-sms in one process: no Redis, no credentials, no network needed."""
-    from polyv_sms.cli.demo import run  # noqa: PLC0415
-
-    sys.exit(run(click.echo))
-
-
-_PASS_THROUGH = {"ignore_unknown_options": True, "help_option_names": ["--launcher-help"]}
-_CONFIG = click.option("--config", default=DEFAULT_SUPERVISORD_CONFIG, show_default=True)
-
-
-@main.command(context_settings=_PASS_THROUGH)
-@_CONFIG
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def supervisord(config: str, args: tuple[str, ...]) -> None:
-    """Run supervisord with deploy/supervisord.conf and SMS_RUN_DIR set (default: a
-    directory under the system temp dir). Other arguments go to supervisord (e.g. -n)."""
-    exec_supervisor("supervisord", config, args)
-
-
-@main.command(context_settings=_PASS_THROUGH)
-@_CONFIG
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def supervisorctl(config: str, args: tuple[str, ...]) -> None:
-    """Run supervisorctl against the supervisord that `polyv-sms supervisord` started
-    (status, stop all, start all, tail -f ...)."""
-    exec_supervisor("supervisorctl", config, args)
+for _command in RUNNING_COMMANDS:
+    main.add_command(_command)

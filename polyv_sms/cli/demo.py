@@ -134,6 +134,7 @@ class _Progress:
     def __init__(self, echo: Echo, simulator: Any, started: float) -> None:
         self.echo, self.simulator, self.started = echo, simulator, started
         self.requests_seen = 0
+        self.failures: dict[str, int] = {}  # status-11 answers so far, per number
 
     def say(self, text: str) -> None:
         self.echo(f"  [{time.perf_counter() - self.started:5.2f}s] {text}")
@@ -142,10 +143,20 @@ class _Progress:
         for record in self.simulator.requests()[self.requests_seen :]:
             self.requests_seen += 1
             answers = ", ".join(
-                f"{r['phoneNumber']} -> {r['status']} ({_STATUS_MEANING.get(r['status'], '?')})"
+                f"{r['phoneNumber']} -> {r['status']} ({self._meaning(r)})"
                 for r in record["results"]
             )
             self.say(f"Polyv request {self.requests_seen}: {answers or record['error_code']}")
+
+    def _meaning(self, answer: dict[str, Any]) -> str:
+        """What an answer means; a status 11 on the last allowed attempt is the end of it."""
+        number, status = str(answer["phoneNumber"]), answer["status"]
+        if status != 11:  # Polyv's "Aliyun failed"
+            return _STATUS_MEANING.get(status, "?")
+        self.failures[number] = self.failures.get(number, 0) + 1
+        if self.failures[number] >= DEMO_MAX_ATTEMPTS:
+            return f"Aliyun failed, giving up after {DEMO_MAX_ATTEMPTS} attempts"
+        return _STATUS_MEANING[status]
 
 
 def _wait_all(pending: dict[str, Any], progress: _Progress, deadline: float) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from polyv_sms.polyv.phones import check_phone
 
 __all__ = [
     "EXIT_FAILURE",
+    "EXIT_NOT_ACCEPTED",
     "EXIT_USAGE",
     "FAULT_RATES",
     "RUN_DIR_ENV",
@@ -33,8 +34,19 @@ __all__ = [
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: ``--wait`` got the outcome, and some number did not end accepted.
+EXIT_NOT_ACCEPTED = 3
 RUN_DIR_ENV = "SMS_RUN_DIR"
-FAULT_RATES = ("status11", "http500", "drop", "garbage", "rate_limit", "slow")
+#: The simulator's fault shares and what each does to an answer (``--<name>-rate``).
+FAULT_HELP = {
+    "status11": "Share of valid numbers answered status 11 (Aliyun failed; retried).",
+    "http500": "Share of requests answered HTTP 500.",
+    "drop": "Share of requests whose connection is closed without an answer.",
+    "garbage": "Share of requests answered with a body that is not JSON.",
+    "rate_limit": "Share of requests answered with Polyv's rate-limit error.",
+    "slow": "Share of answers delayed by --slow-latency more seconds.",
+}
+FAULT_RATES = tuple(FAULT_HELP)
 
 
 class CliError(click.ClickException):
@@ -61,7 +73,8 @@ def fault_rate_options(function: Callable[..., Any]) -> Callable[..., Any]:
             f"{name}_rate",
             type=click.FloatRange(0, 1),
             default=0.0,
-            help="Share of answers with this fault (0 to 1).",
+            show_default=True,
+            help=f"{FAULT_HELP[name]} 0 to 1.",
         )
         function = option(function)
     return function
@@ -132,7 +145,8 @@ def exec_supervisor(program: str, config: str, args: tuple[str, ...]) -> NoRetur
     env[RUN_DIR_ENV] = str(run_dir())
     # The workers' command is `polyv-sms`: the one installed beside this Python.
     env["PATH"] = os.pathsep.join([str(here), env.get("PATH", "")])
-    click.echo(f"{RUN_DIR_ENV}={env[RUN_DIR_ENV]}", err=True)
+    if program == "supervisord":  # where its logs go; supervisorctl would repeat it each call
+        click.echo(f"{RUN_DIR_ENV}={env[RUN_DIR_ENV]}", err=True)
     os.execve(str(found), [str(found), "-c", config, *args], env)  # noqa: S606 - no shell
 
 

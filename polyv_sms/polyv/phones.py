@@ -76,9 +76,12 @@ def check_phone(value: object) -> PhoneCheck:
     elif text.startswith("86") and len(text) == 13:
         text = text[2:]
     if not _DIGITS.fullmatch(text):
+        if text.isdigit():  # str.isdigit: full-width and other scripts' digits too
+            return PhoneCheck(raw, None, "has digits other than ASCII 0-9 (full-width, say)")
         return PhoneCheck(raw, None, "contains characters other than digits")
     if len(text) != 11:
-        return PhoneCheck(raw, None, f"has {len(text)} digits; a mobile number has 11")
+        digits = "digit" if len(text) == 1 else "digits"
+        return PhoneCheck(raw, None, f"has {len(text)} {digits}; a mobile number has 11")
     if not _MOBILE.fullmatch(text):
         return PhoneCheck(raw, None, "is not a mainland China mobile number (1[3-9]xxxxxxxxx)")
     return PhoneCheck(raw, text)
