@@ -1,5 +1,7 @@
 """The documentation cannot drift from the code: links resolve, every setting is documented,
-the README stays a short front door, and every module, file and test it names exists.
+the README stays a short front door, every module, file and test it names exists, the fixed
+values and exit statuses it states are the code's, and no branch's fragment in docs/incoming/
+is left unfolded.
 
 Plain file reads and one call of ``Settings.from_env``; no Redis, no network.
 """
@@ -18,13 +20,18 @@ from typing import Any
 import pytest
 
 from polyv_sms.background import WORKER_INDEX_ENV
+from polyv_sms.cli import run as cli_run
 from polyv_sms.cli.run import RUN_DIR_ENV
 from polyv_sms.config import Settings
+from polyv_sms.tasks import EXIT_BACKGROUND_FAILED
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"
+OPERATIONS = DOCS / "operations.md"
+#: Where feature branches leave their documentation until it is folded into the pages.
+INCOMING = DOCS / "incoming"
 ENV_EXAMPLE = ROOT / ".env.example"
 MAX_README_LINES = 250
 #: Written by runs, git-ignored: named in the docs, absent from a clean clone.
@@ -339,3 +346,58 @@ def test_modules_files_and_tests_named_in_the_docs_exist(path: Path) -> None:
             if (ROOT / test_file).is_file() and not _defines(ROOT / test_file, test_name):
                 problems.append(f"test {test_file}::{test_name}")
     assert not problems, f"{path.relative_to(ROOT)} names what does not exist: {problems}"
+
+
+# --- fragments are folded, fixed values and exit statuses match the code ------------------------
+
+
+def test_no_documentation_fragment_is_left_unfolded() -> None:
+    # A branch's docs/incoming/<branch>.md is folded into README.md and docs/, then deleted:
+    # a fragment left behind is documentation no reader finds.
+    left = sorted(str(path.relative_to(ROOT)) for path in INCOMING.glob("**/*.md"))
+    assert not left, f"fold these into README.md and docs/, then delete them: {left}"
+
+
+def _section(path: Path, heading: str) -> list[str]:
+    """The prose lines of the section of ``path`` under ``heading`` (to the next heading of the
+    same or a higher level)."""
+    lines, level = [], 0
+    for _, line in _prose_lines(path.read_text("utf-8")):
+        match = _HEADING.match(line)
+        if match and level and len(match.group(1)) <= level:
+            break
+        if level:
+            lines.append(line)
+        elif match and match.group(2) == heading:
+            level = len(match.group(1))
+    assert level, f"{path.relative_to(ROOT)} has no heading {heading!r}"
+    return lines
+
+
+def _table_rows(lines: list[str]) -> list[list[str]]:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    return [row for row in rows if row and row[0] and not set(row[0]) <= {"-", ":"}][1:]
+
+
+def test_the_fixed_values_table_matches_the_code() -> None:
+    rows = _table_rows([line for line in _section(CONFIGURATION, "Fixed values") if "|" in line])
+    assert rows, "docs/configuration.md: the Fixed values table is empty"
+    for name, value, *_ in rows:
+        dotted = name.strip("`")
+        module_name, _, attribute = dotted.rpartition(".")
+        actual = getattr(importlib.import_module(module_name), attribute)
+        if isinstance(actual, int | float):
+            number = re.match(r"[\d.]+", value)
+            assert number, f"{dotted}: the value {value!r} does not start with a number"
+            assert float(number.group()) == actual, (
+                f"{dotted}: documented {value}, the code has {actual}"
+            )
+
+
+def test_every_exit_status_of_the_command_is_documented() -> None:
+    section = _section(OPERATIONS, "Exit statuses")
+    documented = {int(row[0]) for row in _table_rows([line for line in section if "|" in line])}
+    codes = {value for name, value in vars(cli_run).items() if name.startswith("EXIT_") and value}
+    assert codes <= documented, f"exit statuses of polyv-sms not in operations.md: {codes}"
+    worker = _section(OPERATIONS, "A worker that cannot start")
+    assert any(line.startswith(f"| {EXIT_BACKGROUND_FAILED} |") for line in worker), worker
