@@ -15,7 +15,7 @@ import redis
 from celery import Task, signals
 from celery.exceptions import Ignore, Reject
 
-from polyv_sms import background, metrics
+from polyv_sms import background, metrics, routing
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
 from polyv_sms.errors import InvalidRequest, LedgerUnavailable
 from polyv_sms.polyv.phones import mask
@@ -42,6 +42,7 @@ def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
         "template_param_values": ["***"] * len(kwargs["template_param_values"]),
         "message_id": kwargs["message_id"],
     }
+    shown |= {key: kwargs[key] for key in ("account", "lane") if key in kwargs}
     return repr(shown)
 
 
@@ -67,6 +68,7 @@ class SendSmsTask(Task):  # type: ignore[misc]
         limit = self.app.conf.get("polyv_sms_account_daily_limit") or DEFAULT_ACCOUNT_DAILY_LIMIT
         request = validate_request(args, kwargs, account_daily_limit=limit)
         checked = request.as_kwargs()
+        routing.route(self.app.conf, request, options)
         options.setdefault("argsrepr", "()")
         options.setdefault("kwargsrepr", masked_kwargs_repr(checked))
         return super().apply_async(
@@ -110,18 +112,21 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     runtime = get_runtime()
     settings = runtime.settings
     request = validate_request(args, kwargs, account_daily_limit=settings.account_daily_limit)
+    # The account it was enqueued for, or a clear failure: never another account.
+    dispatcher = routing.account_for(runtime, request, self.request).dispatcher
     task_id = str(self.request.id)
     key = request.message_id or task_id
-    retries = int(self.request.retries or 0)
+    # Runs put off by the rate guard consumed no attempt: they do not count towards giving up.
+    retries = int(self.request.retries or 0) - routing.rate_waits(self.request)
     give_up = None
     if retries >= _retry_cap(settings):
         give_up = f"gave up after {retries} task retries"
     try:
-        outcome = runtime.dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
+        outcome = dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
     except (LedgerUnavailable, redis.RedisError) as exc:
         # Retried through the broker like any transient failure: failing the task would drop
         # the message (acks_late acknowledges a failed task).
-        countdown = runtime.dispatcher.backoff(retries + 1)
+        countdown = dispatcher.backoff(retries + 1)
         log.warning("message %s: %s; retrying in %.1fs", key, exc, countdown)
         outcome_reason = "ledger"
     else:
@@ -132,7 +137,7 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         outcome_reason = outcome.reason
     metrics.TASK_RETRIES.labels(outcome_reason).inc()
     try:
-        raise self.retry(countdown=countdown)
+        raise self.retry(countdown=countdown, **routing.retry_options(self.request, outcome_reason))
     except Reject as exc:
         # Celery rejects a task whose retry it could not publish without requeueing: the
         # broker deletes the message and the result says FAILURE, though the message is not

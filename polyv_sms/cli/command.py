@@ -314,7 +314,7 @@ def worker(
     loglevel: str,
     celery_args: tuple[str, ...],
 ) -> None:
-    """Run a worker: celery worker -Q sms -P threads with the recommended options.
+    """Run a worker: celery worker -Q sms.urgent,sms,sms.bulk -P threads, urgent first.
 
     Refuses to start without POLYV_APP_ID and POLYV_APP_SECRET. Extra arguments go to
     `celery worker` as they are.
@@ -324,11 +324,11 @@ def worker(
     if process_index is not None:
         os.environ["SMS_WORKER_INDEX"] = str(process_index)
     index = os.environ.get("SMS_WORKER_INDEX", "").strip()
-    from polyv_sms.worker import QUEUE, app  # noqa: PLC0415
+    from polyv_sms.worker import WORKER_QUEUES, app  # noqa: PLC0415
 
     argv = [
         "worker",
-        f"--queues={QUEUE}",
+        f"--queues={','.join(WORKER_QUEUES)}",  # the lanes, urgent first
         "--pool=threads",
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--hostname={hostname or (f'polyv-sms-{index}@%h' if index else 'polyv-sms@%h')}",
