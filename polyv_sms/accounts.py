@@ -22,7 +22,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "Account",
     "account_app_ids",
     "account_names",
+    "account_settings",
     "load_accounts",
 ]
 
@@ -161,6 +162,36 @@ def account_app_ids(settings: Settings) -> dict[str, str]:
         for name, table in _read_file(settings.accounts_file).items():
             app_ids.setdefault(name, str(table["app_id"]).strip())
     return app_ids
+
+
+def account_settings(settings: Settings, name: str) -> Settings:
+    """``settings`` as one account sees them (its appId and limits), read without its secret:
+    for look-ups (the ``polyv-sms`` commands' ``--account``).
+
+    Raises:
+        ConfigError: no such account; the message lists the known ones.
+    """
+    if name == DEFAULT_ACCOUNT and settings.app_id:
+        return settings
+    tables = _read_file(settings.accounts_file) if settings.accounts_file else {}
+    table = tables.get(name)
+    if table is None:
+        known = sorted({*tables, *([DEFAULT_ACCOUNT] if settings.app_id else [])})
+        raise ConfigError(
+            f"--account {name!r}: no such account (known: {', '.join(known) or 'none'}; "
+            "POLYV_APP_ID is 'default', others come from SMS_ACCOUNTS_FILE)"
+        )
+    where = f"SMS_ACCOUNTS_FILE={settings.accounts_file!r}: [accounts.{name}]"
+    return replace(
+        settings,
+        app_id=str(table["app_id"]).strip(),
+        phone_daily_limit=_limit(where, table, "phone_daily_limit", settings.phone_daily_limit, 1),
+        account_daily_limit=_limit(
+            where, table, "account_daily_limit", settings.account_daily_limit, 1
+        ),
+        bulk_headroom=_limit(where, table, "bulk_headroom", settings.bulk_headroom, 0),
+        polyv_rate=_rate(where, table, settings.polyv_rate),
+    )
 
 
 def _secret(path: str, name: str, table: Mapping[str, Any], env: Mapping[str, str]) -> Secret:

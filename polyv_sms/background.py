@@ -15,7 +15,7 @@ __all__ = ["start", "stop"]
 log = logging.getLogger("polyv_sms.background")
 
 _lock = threading.Lock()
-_reconciler: Reconciler | None = None
+_reconcilers: list[Reconciler] = []
 #: Set by supervisord (``%(process_num)d``) so that worker N serves metrics on port + N.
 WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
 
@@ -27,7 +27,6 @@ def start(enqueue_again: Enqueue) -> None:
         enqueue_again: how the reconciler puts a message back on the broker (the task module
             hands its own in, so that this module does not import Celery's task).
     """
-    global _reconciler  # noqa: PLW0603 - one per worker process
     runtime = get_runtime()
     settings = runtime.settings
     with _lock:
@@ -46,18 +45,24 @@ def start(enqueue_again: Enqueue) -> None:
             except OSError as exc:
                 # Sending matters more than metrics: keep the worker (and the reconciler) up.
                 log.error("metrics: cannot listen on port %d (%s); no metrics served", port, exc)
-        if _reconciler is None and settings.reconcile_interval_s > 0:
-            _reconciler = Reconciler(
-                runtime.ledger, enqueue_again, interval_s=settings.reconcile_interval_s
+        if not _reconcilers and settings.reconcile_interval_s > 0:
+            # One per account: each sweeps its own ledger keys (issue 12).
+            ledgers = [runtime.account(name).ledger for name in sorted(runtime.accounts)]
+            for ledger in ledgers or [runtime.ledger]:
+                reconciler = Reconciler(
+                    ledger, enqueue_again, interval_s=settings.reconcile_interval_s
+                )
+                reconciler.start()
+                _reconcilers.append(reconciler)
+            log.info(
+                "reconciler sweeping every %gs (%d accounts)",
+                settings.reconcile_interval_s,
+                len(_reconcilers),
             )
-            _reconciler.start()
-            log.info("reconciler sweeping every %gs", settings.reconcile_interval_s)
 
 
 def stop() -> None:
     """Stop the reconciler thread."""
-    global _reconciler  # noqa: PLW0603
     with _lock:
-        if _reconciler is not None:
-            _reconciler.stop()
-            _reconciler = None
+        while _reconcilers:
+            _reconcilers.pop().stop()

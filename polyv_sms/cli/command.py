@@ -84,11 +84,22 @@ def _require_results(settings: Settings) -> None:
         )
 
 
-def _receipts() -> Receipts:
-    """Read-only access to the ledger; needs ``POLYV_APP_ID`` but never the secret."""
+def account_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--account NAME`` (``default``: POLYV_APP_ID; others: SMS_ACCOUNTS_FILE)."""
+    return click.option(
+        "--account",
+        default="default",
+        show_default=True,
+        help="The account (default: POLYV_APP_ID; others are named in SMS_ACCOUNTS_FILE).",
+    )(function)
+
+
+def _receipts(account: str = "default") -> Receipts:
+    """Read-only access to one account's ledger; needs its appId but never the secret."""
+    from polyv_sms.accounts import account_settings  # noqa: PLC0415
     from polyv_sms.ledger import build_ledger  # noqa: PLC0415 - keeps --help fast
 
-    settings = _settings()
+    settings = account_settings(_settings(), account)
     if not settings.app_id:
         raise ConfigError("POLYV_APP_ID must be set: the ledger keeps each account apart")
     settings = replace(settings, redis_outage_s=min(settings.redis_outage_s, CLI_REDIS_OUTAGE_S))
@@ -141,6 +152,14 @@ def main() -> None:
     help="A template parameter; repeat it, in the template's order.",
 )
 @click.option("--message-id", help="Idempotency key (default: the task id).")
+@account_option
+@click.option(
+    "--lane",
+    type=click.Choice(["urgent", "standard", "bulk"]),
+    default="standard",
+    show_default=True,
+    help="urgent (login codes) is taken first; bulk stops SMS_BULK_HEADROOM short of the limit.",
+)
 @click.option("--wait", is_flag=True, help="Wait for the outcome of every number.")
 @click.option(
     "--timeout", type=float, default=DEFAULT_WAIT_S, show_default=True, help="Seconds --wait waits."
@@ -151,6 +170,8 @@ def send(
     numbers: tuple[str, ...],
     params: tuple[str, ...],
     message_id: str | None,
+    account: str,
+    lane: str,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -168,7 +189,11 @@ def send(
         _require_results(settings)
     from polyv_sms.tasks import send_sms  # noqa: PLC0415
 
-    pending = _publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
+    pending = _publish(
+        lambda: send_sms.delay(
+            list(numbers), names, values, message_id=message_id, account=account, lane=lane
+        )
+    )
     key = message_id or pending.id
     if not wait:
         queued = {"message_id": key, "task_id": pending.id, "state": "enqueued"}
@@ -179,10 +204,11 @@ def send(
 
 @main.command()
 @click.argument("message_id")
+@account_option
 @json_option
-def status(message_id: str, as_json: bool) -> None:
+def status(message_id: str, account: str, as_json: bool) -> None:
     """A message's per-number outcomes, attempts and serialNos."""
-    message = _receipts().message(message_id)
+    message = _receipts(account).message(message_id)
     if message is None:
         raise CliError(
             f"no message {message_id!r} in the ledger of this account (POLYV_APP_ID); records "
@@ -193,10 +219,11 @@ def status(message_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("serial_no")
+@account_option
 @json_option
-def receipt(serial_no: str, as_json: bool) -> None:
+def receipt(serial_no: str, account: str, as_json: bool) -> None:
     """One receipt: number, message and when Polyv accepted it."""
-    found = _receipts().receipt(serial_no)
+    found = _receipts(account).receipt(serial_no)
     if found is None:
         raise CliError(f"no receipt {serial_no!r} in the ledger of this account (POLYV_APP_ID)")
     _emit(found, as_json, fmt.render_receipt)
@@ -205,19 +232,21 @@ def receipt(serial_no: str, as_json: bool) -> None:
 @main.command()
 @click.argument("number")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@account_option
 @json_option
-def phone(number: str, limit: int, as_json: bool) -> None:
+def phone(number: str, limit: int, account: str, as_json: bool) -> None:
     """A number's latest receipts and today's count against its daily limit."""
-    _emit(_receipts().phone(number, limit), as_json, fmt.render_phone)
+    _emit(_receipts(account).phone(number, limit), as_json, fmt.render_phone)
 
 
 @main.command()
 @click.option("--day", metavar="YYYYMMDD", help="Another day than today (SMS_TIMEZONE).")
 @click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True)
+@account_option
 @json_option
-def quota(day: str | None, top: int, as_json: bool) -> None:
+def quota(day: str | None, top: int, account: str, as_json: bool) -> None:
     """The account's use of the day against its limit, and the busiest numbers."""
-    _emit(_receipts().quota(day, top), as_json, fmt.render_quota)
+    _emit(_receipts(account).quota(day, top), as_json, fmt.render_quota)
 
 
 @main.command()
@@ -230,12 +259,21 @@ def quota(day: str | None, top: int, as_json: bool) -> None:
 )
 @click.option("--wait", is_flag=True, help="With --requeue: wait for the new outcomes.")
 @click.option("--timeout", type=float, default=DEFAULT_WAIT_S, show_default=True)
+@account_option
 @json_option
-def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+def dead(
+    *,
+    limit: int,
+    requeue_id: str | None,
+    wait: bool,
+    timeout: float,
+    account: str,
+    as_json: bool,
+) -> None:
     """Messages with numbers that ended failed; --requeue sends one again."""
     if requeue_id is not None and wait:
         _require_results(_settings())
-    receipts = _receipts()
+    receipts = _receipts(account)
     if requeue_id is None:
         _emit(receipts.dead(limit), as_json, fmt.render_dead)
         return
@@ -258,7 +296,12 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
         f"; its failed numbers were reset: send it again with polyv-sms send ... "
         f"--message-id {requeue_id} (accepted numbers are skipped)"
     )
-    publish = lambda: send_sms.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()))  # noqa: E731
+    from polyv_sms.routing import APP_ID_HEADER  # noqa: PLC0415
+
+    # The appId header: a worker whose account of that name is another appId refuses it.
+    publish = lambda: send_sms.apply_async(  # noqa: E731
+        kwargs=kwargs, task_id=str(uuid.uuid4()), headers={APP_ID_HEADER: ledger.app_id}
+    )
     pending = _publish(publish, hint)
     if not wait:
         queued = {"message_id": requeue_id, "task_id": pending.id, "requeued": again}
@@ -268,13 +311,14 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
 
 
 @main.command()
+@account_option
 @json_option
-def reconcile(as_json: bool) -> None:
+def reconcile(account: str, as_json: bool) -> None:
     """One reconciler sweep: enqueue again messages whose retry never ran."""
     from polyv_sms.ledger.reconcile import Reconciler  # noqa: PLC0415
     from polyv_sms.tasks import enqueue_again  # noqa: PLC0415
 
-    ledger = _receipts().ledger
+    ledger = _receipts(account).ledger
     if ledger.call(ledger.redis.exists, ledger.keys.reconcile_lock):
         report: dict[str, Any] = {"skipped": "a worker's reconciler is sweeping right now"}
     else:
