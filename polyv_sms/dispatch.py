@@ -231,7 +231,9 @@ class Dispatcher:
             return None
         reason = "paused" if slot.paused else "rate"
         metrics.count_rate_wait(self.account, reason)
-        delay = slot.wait_s + self.rng.uniform(0, _BUSY_JITTER_S)
+        # Look again within the retry cap (SMS_RETRY_BACKOFF_MAX): a pause lifted early by an
+        # operator must not leave messages asleep for its whole 5 minutes.
+        delay = min(slot.wait_s, self.retry_backoff_max_s) + self.rng.uniform(0, _BUSY_JITTER_S)
         log.info("message %s: %s; again in %.1fs", message_id, reason, delay)
         return RunOutcome(None, delay, reason)
 

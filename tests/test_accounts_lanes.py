@@ -1,0 +1,239 @@
+"""Accounts, lanes and the shared rate guard with real workers (issue 12): a private
+redis-server, worker subprocesses consuming the three lanes, the simulator over HTTP."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import worker_env
+from helpers import WorkerProcess, empty_broker, wait_for
+
+from polyv_sms import send_sms
+from polyv_sms.accounts import load_accounts
+from polyv_sms.config import Settings
+from polyv_sms.errors import ConfigError, InvalidRequest
+from polyv_sms.lanes import WORKER_QUEUES
+from polyv_sms.polyv.simulator import PolyvSimulator
+
+TIMEOUT = 60
+
+
+def numbers(count: int, start: int) -> list[str]:
+    return [f"137{i:08d}" for i in range(start, start + count)]
+
+
+@pytest.fixture
+def lane_workers(
+    account: tuple[str, str], sim: PolyvSimulator, redis_server, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers as documented: ``-Q sms.urgent,sms,sms.bulk``."""
+    started: list[WorkerProcess] = []
+
+    def start(concurrency: int = 4, simulator: PolyvSimulator | None = None, **env: object):
+        environment = worker_env(account, simulator or sim, redis_server, **env)
+        worker = WorkerProcess(
+            environment,
+            tmp_path / f"worker-{len(started)}.log",
+            concurrency=concurrency,
+            name=f"lanes{len(started)}",
+            extra_args=("-Q", ",".join(WORKER_QUEUES)),
+        )
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+    empty_broker(redis_server)
+
+
+def accounts_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "accounts.toml"
+    path.write_text(body)
+    return path
+
+
+# --- the accounts file ----------------------------------------------------------------------
+
+
+def test_a_secret_in_the_accounts_file_is_refused_naming_the_account_and_key(
+    tmp_path: Path,
+) -> None:
+    path = accounts_file(
+        tmp_path, '[accounts.shop-b]\napp_id = "appB"\napp_secret = "s3cr3t-in-the-file"\n'
+    )
+    settings = Settings(accounts_file=str(path))
+    with pytest.raises(ConfigError) as caught:
+        load_accounts(settings, env={})
+    message = str(caught.value)
+    assert "[accounts.shop-b]" in message
+    assert "'app_secret'" in message
+    assert "s3cr3t-in-the-file" not in message
+
+
+def test_an_account_secret_comes_from_its_variable_or_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "c.secret"
+    secret_file.write_text("secret-c\n")
+    path = accounts_file(
+        tmp_path,
+        '[accounts.b]\napp_id = "appB"\napp_secret_env = "B_SECRET"\nbulk_headroom = 5\n'
+        f'[accounts.c]\napp_id = "appC"\napp_secret_file = "{secret_file}"\npolyv_rate = 7\n',
+    )
+    settings = Settings(app_id="appA", accounts_file=str(path))
+    with pytest.raises(ConfigError, match=r"\[accounts.b\]: app_secret_env names B_SECRET"):
+        load_accounts(settings, env={})
+    accounts = load_accounts(settings, env={"B_SECRET": "secret-b"})
+    assert accounts["b"].app_secret.reveal() == "secret-b"
+    assert accounts["b"].bulk_headroom == 5
+    assert accounts["c"].app_secret.reveal() == "secret-c"
+    assert accounts["c"].polyv_rate == 7.0
+    assert "secret-b" not in repr(accounts)
+
+
+def test_an_account_the_producers_file_does_not_list_is_refused_at_delay() -> None:
+    conf = send_sms.app.conf
+    saved = conf.get("polyv_sms_account_names")
+    conf.polyv_sms_account_names = ["default", "shop-b"]
+    try:
+        with pytest.raises(InvalidRequest, match="account: unknown account 'shop-z'"):
+            send_sms.delay(["13700000001"], ["code"], ["1"], account="shop-z")
+        with pytest.raises(InvalidRequest, match="lane: 'fast' is not one of"):
+            send_sms.delay(["13700000001"], ["code"], ["1"], lane="fast")
+    finally:
+        conf.polyv_sms_account_names = saved
+
+
+# --- accounts with real workers --------------------------------------------------------------
+
+
+def test_two_accounts_from_one_file_send_through_their_own_app_id_and_sign(
+    account, redis_server, lane_workers, tmp_path: Path
+) -> None:
+    app_a, secret_a = account
+    app_b, secret_b = f"appB{secrets.token_hex(4)}", f"secB-{secrets.token_hex(8)}"
+    with PolyvSimulator(app_a, secret_a, other_accounts={app_b: secret_b}) as both:
+        path = accounts_file(
+            tmp_path, f'[accounts.shop-b]\napp_id = "{app_b}"\napp_secret_env = "SHOP_B"\n'
+        )
+        lane_workers(simulator=both, SMS_ACCOUNTS_FILE=path, SHOP_B=secret_b)
+        a = send_sms.delay(["13700000011"], ["code"], ["1"]).get(timeout=TIMEOUT)
+        b = send_sms.delay(["13700000012"], ["code"], ["2"], account="shop-b").get(timeout=TIMEOUT)
+        assert (a["account"], a["counts"]["accepted"]) == ("default", 1)
+        assert (b["account"], b["counts"]["accepted"]) == ("shop-b", 1)
+        # The simulator checks each appId's sign with that account's secret.
+        sent = {r["numbers"][0]: r["app_id"] for r in both.requests() if r["http_status"] == 200}
+        assert sent == {"13700000011": app_a, "13700000012": app_b}
+
+        # An account the worker does not know: a clear failure, nothing sent.
+        unknown = send_sms.apply_async(
+            kwargs={
+                "phone_numbers": ["13700000013"],
+                "template_param_names": ["code"],
+                "template_param_values": ["3"],
+                "account": "shop-z",
+            }
+        )
+        with pytest.raises(InvalidRequest, match="unknown account 'shop-z'"):
+            unknown.get(timeout=TIMEOUT)
+        assert both.received("13700000013") == 0
+
+
+def test_a_message_stamped_for_another_app_id_is_never_sent(lane_workers, sim) -> None:
+    lane_workers()
+    other = send_sms.apply_async(
+        args=[["13700000021"], ["code"], ["1"]], headers={"polyv_sms_app_id": "someone-else"}
+    )
+    with pytest.raises(InvalidRequest, match="enqueued for appId 'someone-else'"):
+        other.get(timeout=TIMEOUT)
+    assert sim.received("13700000021") == 0
+
+
+# --- lanes -----------------------------------------------------------------------------------
+
+
+def test_bulk_stops_at_limit_less_headroom_while_urgent_and_standard_use_the_whole_limit(
+    lane_workers,
+) -> None:
+    lane_workers(SMS_ACCOUNT_DAILY_LIMIT=6, SMS_PHONE_DAILY_LIMIT=1, SMS_BULK_HEADROOM=2)
+    bulk = send_sms.delay(numbers(5, 100), ["code"], ["1"], lane="bulk").get(timeout=TIMEOUT)
+    assert bulk["lane"] == "bulk"
+    assert [r["outcome"] for r in bulk["results"]] == ["accepted"] * 4 + ["account_quota_exceeded"]
+    more_bulk = send_sms.delay(numbers(1, 110), ["code"], ["1"], lane="bulk").get(timeout=TIMEOUT)
+    assert more_bulk["counts"]["account_quota_exceeded"] == 1
+    urgent = send_sms.delay(numbers(1, 120), ["code"], ["1"], lane="urgent").get(timeout=TIMEOUT)
+    standard = send_sms.delay(numbers(2, 130), ["code"], ["1"]).get(timeout=TIMEOUT)
+    assert (urgent["lane"], urgent["counts"]["accepted"]) == ("urgent", 1)
+    # The fifth and sixth units; the seventh number meets the account's whole limit.
+    assert [r["outcome"] for r in standard["results"]] == ["accepted", "account_quota_exceeded"]
+
+
+def test_urgent_overtakes_a_bulk_backlog(lane_workers, sim) -> None:
+    sim.set_faults(latency_s=0.05)
+    lane_workers(concurrency=2)
+    backlog = [
+        send_sms.delay(numbers(1, 1000 + i), ["code"], ["1"], lane="bulk") for i in range(120)
+    ]
+    wait_for(lambda: len(sim.requests()) >= 5, 30, what="the bulk backlog to start")
+    urgent = [
+        send_sms.delay(numbers(1, 2000 + i), ["code"], ["1"], lane="urgent") for i in range(3)
+    ]
+    for pending in urgent:
+        assert pending.get(timeout=TIMEOUT)["counts"]["accepted"] == 1
+    order = [r["numbers"][0] for r in sim.requests()]
+    last_urgent = max(order.index(numbers(1, 2000 + i)[0]) for i in range(3))
+    # Urgent work is taken before what is queued: only bulk already fetched runs first
+    # (2 threads, prefetch 1 each), not the backlog of more than 100 behind it.
+    assert last_urgent < 5 + 3 + 2 * 2 + 4
+    assert sum(1 for p in backlog if p.ready()) < 100
+
+
+# --- the shared rate guard -------------------------------------------------------------------
+
+
+def _max_in_one_second(times: list[float]) -> int:
+    times = sorted(times)
+    best, start = 0, 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_the_shared_limiter_holds_across_two_worker_processes(lane_workers, sim) -> None:
+    rate = 5
+    for _ in range(2):
+        lane_workers(concurrency=4, SMS_POLYV_RATE=rate)
+    pending = [send_sms.delay(numbers(1, 3000 + i), ["code"], ["1"]) for i in range(24)]
+    for item in pending:
+        assert item.get(timeout=TIMEOUT)["counts"]["accepted"] == 1
+    busiest = _max_in_one_second([float(r["received_at"]) for r in sim.requests()])
+    # rate * (1 + RATE_BURST_S) + 1 = 6 at most, plus one for a thread that the loaded
+    # machine holds back past its slot; without the guard all 24 go within a second or two.
+    assert busiest <= rate + 2, busiest
+
+
+def test_a_rate_limit_answer_pauses_every_worker(lane_workers, sim, redis_server, account) -> None:
+    for _ in range(2):
+        lane_workers(concurrency=2)
+    sim.set_faults(rate_limit_rate=1.0)
+    first = send_sms.delay(numbers(1, 4000), ["code"], ["1"])
+    ledger = redis_server.client(2)
+    pause_key = f"polyv_sms:{{{account[0]}}}:paused"
+    wait_for(lambda: ledger.exists(pause_key), 30, what="the shared pause")
+    sim.set_faults(rate_limit_rate=0.0)
+    assert 290_000 < ledger.pttl(pause_key) <= 300_000
+    seen = len(sim.requests())
+    later = [send_sms.delay(numbers(1, 4100 + i), ["code"], ["1"]) for i in range(6)]
+    time.sleep(3)  # both workers poll the pause meanwhile (SMS_RETRY_BACKOFF_MAX=0.5)
+    assert len(sim.requests()) == seen, "a worker sent while Polyv was blocking us"
+    ledger.delete(pause_key)  # what `polyv-sms pause --clear` does when Polyv unblocks early
+    for item in [first, *later]:
+        result = item.get(timeout=TIMEOUT)
+        assert result["counts"]["accepted"] == 1
+    # Waiting out the pause burned no attempt.
+    assert all(item.get()["results"][0]["attempts"] == 1 for item in later)
