@@ -237,3 +237,16 @@ def test_a_rate_limit_answer_pauses_every_worker(lane_workers, sim, redis_server
         assert result["counts"]["accepted"] == 1
     # Waiting out the pause burned no attempt.
     assert all(item.get()["results"][0]["attempts"] == 1 for item in later)
+
+
+def test_waiting_for_the_rate_guard_never_gives_a_message_up(lane_workers) -> None:
+    # One attempt each, so the task gives up after 4 * 1 + 20 retries; at one request a
+    # second the last of 12 messages waits far more retries than that for its slot.
+    worker = lane_workers(
+        SMS_POLYV_RATE=1, SMS_MAX_ATTEMPTS=1, SMS_RETRY_BACKOFF=0.01, SMS_RETRY_BACKOFF_MAX=0.05
+    )
+    pending = [send_sms.delay(numbers(1, 5000 + i), ["code"], ["1"]) for i in range(12)]
+    results = [item.get(timeout=TIMEOUT) for item in pending]
+    assert [r["results"][0]["outcome"] for r in results] == ["accepted"] * 12
+    assert [r["results"][0]["attempts"] for r in results] == [1] * 12
+    assert "rate; again in" in worker.log()
