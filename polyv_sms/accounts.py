@@ -171,8 +171,8 @@ def account_settings(settings: Settings, name: str) -> Settings:
     Raises:
         ConfigError: no such account; the message lists the known ones.
     """
-    if name == DEFAULT_ACCOUNT and settings.app_id:
-        return settings
+    if name == DEFAULT_ACCOUNT and (settings.app_id or not settings.accounts_file):
+        return settings  # (without POLYV_APP_ID, the caller names the missing variable)
     tables = _read_file(settings.accounts_file) if settings.accounts_file else {}
     table = tables.get(name)
     if table is None:

@@ -1,5 +1,6 @@
 """Accounts, lanes and the shared rate guard with real workers (issue 12): a private
-redis-server, worker subprocesses consuming the three lanes, the simulator over HTTP."""
+redis-server, worker subprocesses consuming the three lanes, the simulator over HTTP, and the
+``polyv-sms`` command with ``--account``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import worker_env
 from helpers import WorkerProcess, empty_broker, wait_for
+from test_cli import run, run_json
 
 from polyv_sms import send_sms
 from polyv_sms.accounts import load_accounts
@@ -250,3 +252,63 @@ def test_waiting_for_the_rate_guard_never_gives_a_message_up(lane_workers) -> No
     assert [r["results"][0]["outcome"] for r in results] == ["accepted"] * 12
     assert [r["results"][0]["attempts"] for r in results] == [1] * 12
     assert "rate; again in" in worker.log()
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_account_on_every_command_and_requeue_through_the_same_account(
+    account, redis_server, lane_workers, tmp_path: Path
+) -> None:
+    app_a, secret_a = account
+    app_b, secret_b = f"appB{secrets.token_hex(4)}", f"secB-{secrets.token_hex(8)}"
+    path = tmp_path / "accounts.toml"
+    path.write_text(
+        f'[accounts.shop-b]\napp_id = "{app_b}"\napp_secret_env = "SHOP_B"\nbulk_headroom = 3\n'
+    )
+    good, bad = "13700000601", "13700000602"
+    with PolyvSimulator(app_a, secret_a, other_accounts={app_b: secret_b}) as both:
+        both.set_faults(fail_numbers={bad: 1000})
+        lane_workers(simulator=both, SMS_ACCOUNTS_FILE=path, SHOP_B=secret_b, SMS_MAX_ATTEMPTS=1)
+        # The command's environment has the file but not the secret: look-ups need none.
+        env = worker_env(account, both, redis_server, SMS_ACCOUNTS_FILE=path)
+        sent = run_json(
+            env, "send", good, bad, "-p", "code=1", "--message-id", "m-b", "--account",
+            "shop-b", "--lane", "urgent", "--wait",
+        )  # fmt: skip
+        assert (sent["account"], sent["lane"]) == ("shop-b", "urgent")
+        assert [r["outcome"] for r in sent["results"]] == ["accepted", "failed"]
+
+        status = run_json(env, "status", "m-b", "--account", "shop-b")
+        assert {n["phone_number"]: n["state"] for n in status["numbers"]} == {
+            good: "accepted",
+            bad: "failed",
+        }
+        assert "no message 'm-b'" in run(env, "status", "m-b", code=1).stderr
+        assert run_json(env, "quota", "--account", "shop-b")["account"]["used"] == 1
+        assert run_json(env, "quota")["account"]["used"] == 0
+        assert [d["message_id"] for d in run_json(env, "dead", "--account", "shop-b")] == ["m-b"]
+        assert run_json(env, "dead") == []
+
+        # Requeue goes out through shop-b again, in its lane.
+        both.set_faults(fail_numbers={})
+        again = run_json(env, "dead", "--account", "shop-b", "--requeue", "m-b", "--wait")
+        assert (again["account"], again["lane"]) == ("shop-b", "urgent")
+        assert [r["outcome"] for r in again["results"]] == ["accepted", "accepted"]
+        assert {r["app_id"] for r in both.requests() if bad in r["numbers"]} == {app_b}
+        assert both.received(good) == 1
+
+        listed = run_json(env, "accounts")
+        assert [(a["account"], a["app_id"], a["bulk_limit"]) for a in listed] == [
+            ("default", app_a, 2000 - 200),
+            ("shop-b", app_b, 2000 - 3),
+        ]
+        assert secret_a not in run(env, "accounts").stdout
+
+        paused = run_json(env, "pause", "--account", "shop-b", "--set", "60")
+        assert 50 < paused["paused_for_s"] <= 60
+        assert run_json(env, "pause")["paused_for_s"] == 0  # the default account is not paused
+        cleared = run_json(env, "pause", "--account", "shop-b", "--clear")
+        assert (cleared["cleared"], cleared["paused_for_s"]) == (True, 0)
+        unknown = run(env, "status", "x", "--account", "shop-z", code=2)
+        assert "no such account" in unknown.stderr

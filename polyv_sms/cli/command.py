@@ -20,6 +20,7 @@ import click
 import redis
 
 from polyv_sms import __version__
+from polyv_sms.cli import accounts as cli_accounts
 from polyv_sms.cli import formatting as fmt
 from polyv_sms.cli.run import (
     CliError,
@@ -364,7 +365,10 @@ def worker(
     `celery worker` as they are.
     """
     settings = _settings()
-    settings.require_credentials()
+    from polyv_sms.accounts import load_accounts  # noqa: PLC0415
+
+    if not load_accounts(settings):  # an accounts file may stand in for POLYV_APP_ID
+        settings.require_credentials()
     if process_index is not None:
         os.environ["SMS_WORKER_INDEX"] = str(process_index)
     index = os.environ.get("SMS_WORKER_INDEX", "").strip()
@@ -429,6 +433,10 @@ def demo() -> None:
 
     sys.exit(run(click.echo))
 
+
+# Accounts and the shared pause (issue 12), defined in their own module.
+main.add_command(cli_accounts.accounts)
+main.add_command(cli_accounts.pause)
 
 _PASS_THROUGH = {"ignore_unknown_options": True, "help_option_names": ["--launcher-help"]}
 _CONFIG = click.option("--config", default=DEFAULT_SUPERVISORD_CONFIG, show_default=True)
