@@ -80,7 +80,7 @@ class Numbers:
 def script_commands() -> frozenset[str]:
     """Commands the ledger's Lua scripts call (``redis.call('HGET', ...)``), lower case."""
     names: set[str] = set()
-    for path in (ROOT / "polyv_sms" / "lua").glob("*.lua"):
+    for path in (ROOT / "polyv_sms" / "ledger" / "lua").glob("*.lua"):
         names.update(m.lower() for m in re.findall(r"redis\.call\('([A-Za-z]+)'", path.read_text()))
     return frozenset(names)
 
