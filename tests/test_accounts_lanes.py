@@ -5,11 +5,15 @@ redis-server, worker subprocesses consuming the three lanes, the simulator over 
 from __future__ import annotations
 
 import secrets
+import shutil
+import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from conftest import worker_env
 from helpers import WorkerProcess, empty_broker, wait_for
 from test_cli import run, run_json
@@ -312,3 +316,75 @@ def test_account_on_every_command_and_requeue_through_the_same_account(
         assert (cleared["cleared"], cleared["paused_for_s"]) == (True, 0)
         unknown = run(env, "status", "x", "--account", "shop-z", code=2)
         assert "no such account" in unknown.stderr
+
+
+# --- RabbitMQ ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rabbit_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of this test's own on 127.0.0.1:5672 (guest), deleted afterwards."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.skip("no rabbitmqctl")
+    vhost = f"polyv-sms-test-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run([ctl, "add_vhost", vhost], capture_output=True, check=False, timeout=60)
+    if made.returncode != 0:
+        pytest.skip(f"RabbitMQ not available: {made.stderr.decode(errors='replace')[:200]}")
+    try:
+        subprocess.run(
+            [ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        yield vhost
+    finally:
+        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, check=False, timeout=60)
+
+
+def test_urgent_overtakes_a_bulk_backlog_on_rabbitmq(
+    rabbit_vhost, account, sim, redis_server, tmp_path: Path
+) -> None:
+    broker = f"amqp://guest:guest@127.0.0.1:5672/{rabbit_vhost}"
+    env = worker_env(account, sim, redis_server, SMS_BROKER_URL=broker)
+    sim.set_faults(latency_s=0.05)
+    worker = WorkerProcess(
+        env,
+        tmp_path / "worker-rabbit.log",
+        concurrency=2,
+        name="rabbit",
+        extra_args=("-Q", ",".join(WORKER_QUEUES)),
+    ).start()
+    producer = Celery("rabbit-producer", broker=broker)
+    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    try:
+
+        def enqueue(number: str, lane: str) -> None:
+            kwargs = {
+                "phone_numbers": [number],
+                "template_param_names": ["code"],
+                "template_param_values": ["1"],
+                "lane": lane,
+            }
+            queue = {"bulk": "sms.bulk", "urgent": "sms.urgent"}[lane]
+            producer.send_task("polyv_sms.send_sms", kwargs=kwargs, queue=queue)
+
+        for i in range(120):
+            enqueue(numbers(1, 6000 + i)[0], "bulk")
+        wait_for(lambda: len(sim.requests()) >= 5, 30, what="the bulk backlog to start")
+        seen = len(sim.requests())
+        urgent = [numbers(1, 6500 + i)[0] for i in range(3)]
+        for number in urgent:
+            enqueue(number, "urgent")
+        wait_for(lambda: all(sim.received(n) for n in urgent), TIMEOUT, what="the urgent messages")
+        order = [r["numbers"][0] for r in sim.requests()]
+        last_urgent = max(order.index(n) for n in urgent)
+        # RabbitMQ serves the three queues of one consumer side by side, not in a strict
+        # order: urgent work waits for the messages already prefetched and about one bulk
+        # message per urgent one, never for the backlog of about 100 behind them.
+        assert last_urgent - seen < 3 * 2 + 2 * 2 + 4, (seen, last_urgent)
+        assert len(order) < 100
+    finally:
+        worker.stop()
+        producer.close()
