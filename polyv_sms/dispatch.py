@@ -26,7 +26,7 @@ from polyv_sms.errors import (
 )
 from polyv_sms.lanes import DEFAULT_LANE, lane_account_limit
 from polyv_sms.ledger import Ledger, NumberState, Settlement
-from polyv_sms.ledger.ratelimit import RATE_LIMIT_PAUSE_S, RateGuard
+from polyv_sms.ledger.ratelimit import BULK_RATE_WAIT_MAX_S, RATE_LIMIT_PAUSE_S, RateGuard
 from polyv_sms.polyv.client import (
     KNOWN_STATUSES,
     STATUS_ACCEPTED,
@@ -187,7 +187,7 @@ class Dispatcher:
                 self._fail_unsent(run, chunk)
                 continue
             first = index == 0
-            waiting = self._wait_for_slot(message_id) if chunk else None
+            waiting = self._wait_for_slot(message_id, lane) if chunk else None
             if waiting is not None:
                 return waiting
             reservation = self.ledger.reserve(
@@ -221,12 +221,13 @@ class Dispatcher:
         metrics.count_outcomes(result["counts"], run.account, run.lane)
         return RunOutcome(result)
 
-    def _wait_for_slot(self, message_id: str) -> RunOutcome | None:
+    def _wait_for_slot(self, message_id: str, lane: str) -> RunOutcome | None:
         """Take a slot of the shared rate guard before reserving (so that a request waiting
-        for its slot holds no unit and burns no attempt); ``None`` when the slot is taken."""
+        for its slot holds no unit and burns no attempt); ``None`` when the slot is taken.
+        Bulk books only slots close by: urgent work arriving behind it finds the next ones."""
         if self.guard is None:
             return None
-        slot = self.guard.acquire()
+        slot = self.guard.acquire(BULK_RATE_WAIT_MAX_S if lane == "bulk" else None)
         if slot.granted:
             return None
         reason = "paused" if slot.paused else "rate"

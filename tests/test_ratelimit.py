@@ -130,3 +130,37 @@ def test_a_run_waiting_for_its_slot_reserves_nothing(ledger: Ledger, client: red
         assert done.result is not None
         assert done.result["results"][0]["attempts"] == 1
         polyv.close()
+
+
+def test_bulk_books_only_near_slots_so_urgent_work_finds_the_next_ones(ledger: Ledger) -> None:
+    secret = "s" * 16
+    slept: list[float] = []
+    with PolyvSimulator(ledger.app_id, secret) as sim:
+        guard = RateGuard(ledger, 10, sleep=slept.append)
+        polyv = PolyvClient(ledger.app_id, secret, sim.url, timeout=2.0)
+        dispatcher = Dispatcher(
+            ledger,
+            polyv,
+            max_attempts=3,
+            retry_backoff_s=1.0,
+            retry_backoff_max_s=10.0,
+            guard=guard,
+        )
+
+        def request(lane: str):
+            return validate_request((), {
+                "phone_numbers": ["13700000902"],
+                "template_param_names": ["code"],
+                "template_param_values": ["1"],
+                "lane": lane,
+            }, account_daily_limit=2000)  # fmt: skip
+
+        for _ in range(10):  # the burst, then slots booked up to 800 ms ahead
+            assert guard.try_acquire().granted
+        bulk = dispatcher.run(request("bulk"), message_id="m-bulk", task_id="t1")
+        assert bulk.reason == "rate"
+        urgent = dispatcher.run(request("urgent"), message_id="m-urgent", task_id="t2")
+        assert urgent.result is not None
+        assert urgent.result["counts"]["accepted"] == 1
+        assert 0 < slept[-1] <= 1.0  # it slept until its slot, in-process
+        polyv.close()

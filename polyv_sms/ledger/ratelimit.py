@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from polyv_sms.ledger.store import Ledger, load_script
 
 __all__ = [
+    "BULK_RATE_WAIT_MAX_S",
     "DEFAULT_RATE_WAIT_MAX_S",
     "RATE_BURST_S",
     "RATE_LIMIT_PAUSE_S",
@@ -39,6 +40,9 @@ RATE_BURST_S = 0.1
 #: A request waits in-process for its slot up to this long; a later slot is taken by a task
 #: retry (a countdown, no attempt consumed) instead of holding a worker thread.
 DEFAULT_RATE_WAIT_MAX_S = 1.0
+#: Bulk messages book slots at most this far ahead, so that the schedule they fill is never
+#: more than this long for an urgent or standard message arriving behind them.
+BULK_RATE_WAIT_MAX_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +98,14 @@ class RateGuard:
         """Requests beyond the steady rate that may start in one second."""
         return math.floor(self.rate * RATE_BURST_S) + 1
 
-    def try_acquire(self) -> Slot:
-        """Book a slot for one Polyv request, or say how long to wait (one round trip)."""
-        args = [
-            f"{self._interval_ms:.6f}",
-            f"{self._tolerance_ms:.3f}",
-            int(self.max_wait_s * 1000),
-        ]
+    def try_acquire(self, max_wait_s: float | None = None) -> Slot:
+        """Book a slot for one Polyv request, or say how long to wait (one round trip).
+
+        Args:
+            max_wait_s: the furthest slot to book; the guard's ``max_wait_s`` when ``None``.
+        """
+        wait_s = self.max_wait_s if max_wait_s is None else max_wait_s
+        args = [f"{self._interval_ms:.6f}", f"{self._tolerance_ms:.3f}", int(wait_s * 1000)]
         verdict, ms = self.ledger.call(
             self._script, keys=[self.rate_key, self.pause_key], args=args
         )
@@ -109,10 +114,10 @@ class RateGuard:
             return Slot(True, wait_s)
         return Slot(False, wait_s, paused=verdict == "paused")
 
-    def acquire(self) -> Slot:
+    def acquire(self, max_wait_s: float | None = None) -> Slot:
         """Book a slot and sleep until it comes; or, if it is too far off (or Polyv blocks us),
         return without sleeping: the caller retries later and has taken nothing."""
-        slot = self.try_acquire()
+        slot = self.try_acquire(max_wait_s)
         if slot.granted and slot.wait_s > 0:
             self.sleep(slot.wait_s)
         return slot
