@@ -152,7 +152,7 @@ class Dispatcher:
             The result, or when to run again.
         """
         checks = [check_phone(n) for n in request.phone_numbers]
-        lane = getattr(request, "lane", DEFAULT_LANE)
+        lane = request.lane
         run = _Run(
             message_id, uuid.uuid4().hex, checks, give_up=give_up, account=self.account, lane=lane
         )
