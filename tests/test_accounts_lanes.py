@@ -148,6 +148,20 @@ def test_two_accounts_from_one_file_send_through_their_own_app_id_and_sign(
         assert both.received("13700000013") == 0
 
 
+def test_a_worker_with_only_an_accounts_file(account, lane_workers, tmp_path: Path) -> None:
+    app_id, secret = account  # the simulator's account, named in the file only
+    path = accounts_file(
+        tmp_path, f'[accounts.only]\napp_id = "{app_id}"\napp_secret_file = "{tmp_path}/s"\n'
+    )
+    (tmp_path / "s").write_text(secret + "\n")
+    worker = lane_workers(SMS_ACCOUNTS_FILE=path, POLYV_APP_ID="", POLYV_APP_SECRET="")
+    sent = send_sms.delay(["13700000031"], ["code"], ["1"], account="only").get(timeout=TIMEOUT)
+    assert (sent["account"], sent["counts"]["accepted"]) == ("only", 1)
+    with pytest.raises(InvalidRequest, match="unknown account 'default'; this worker knows: only"):
+        send_sms.delay(["13700000032"], ["code"], ["1"]).get(timeout=TIMEOUT)
+    assert secret not in worker.log()
+
+
 def test_a_message_stamped_for_another_app_id_is_never_sent(lane_workers, sim) -> None:
     lane_workers()
     other = send_sms.apply_async(

@@ -164,3 +164,15 @@ def test_bulk_books_only_near_slots_so_urgent_work_finds_the_next_ones(ledger: L
         assert urgent.result["counts"]["accepted"] == 1
         assert 0 < slept[-1] <= 1.0  # it slept until its slot, in-process
         polyv.close()
+
+
+def test_a_request_that_waited_for_its_slot_still_respects_a_pause_set_meanwhile(
+    ledger: Ledger,
+) -> None:
+    guard = RateGuard(ledger, 10)
+    guard.sleep = lambda _seconds: guard.pause(60)  # Polyv said "rate exceeded" meanwhile
+    for _ in range(2):
+        assert guard.acquire().granted  # the burst: no wait
+    slot = guard.acquire()
+    assert (slot.granted, slot.paused) == (False, True)
+    assert 55 < slot.wait_s <= 60

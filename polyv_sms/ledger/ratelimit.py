@@ -120,17 +120,24 @@ class RateGuard:
         slot = self.try_acquire(max_wait_s)
         if slot.granted and slot.wait_s > 0:
             self.sleep(slot.wait_s)
+            # A rate-limit answer may have come while this one slept (one more round trip,
+            # only for a request that had to wait, i.e. when the rate is the bottleneck).
+            left = self.paused_for()
+            if left > 0:
+                return Slot(False, left, paused=True)
         return slot
 
     def pause(self, seconds: float = RATE_LIMIT_PAUSE_S, reason: str = "rate exceeded") -> None:
         """Stop every worker sending through this account for ``seconds``.
 
-        A pause already longer is kept (the block started earlier ends later than ours).
+        A pause already longer is kept (the block started earlier ends later than ours). Two
+        commands, not ``PEXPIRE GT`` (Redis 7 only): two workers racing both set about the same
+        pause, which is harmless.
         """
         ms = max(1, int(seconds * 1000))
         redis = self.ledger.redis
-        self.ledger.call(redis.set, self.pause_key, reason, px=ms, nx=True)
-        self.ledger.call(redis.pexpire, self.pause_key, ms, gt=True)
+        if int(self.ledger.call(redis.pttl, self.pause_key)) < ms:
+            self.ledger.call(redis.set, self.pause_key, reason, px=ms)
 
     def paused_for(self) -> float:
         """Seconds left of the pause (0 when not paused)."""
