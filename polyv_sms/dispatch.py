@@ -238,22 +238,6 @@ class Dispatcher:
         log.info("message %s: %s; again in %.1fs", message_id, reason, delay)
         return RunOutcome(None, delay, reason)
 
-    def _pause_everyone(self) -> None:
-        """Set the shared pause after a rate-limit answer. Best effort: the settle that follows
-        matters more (the numbers' attempts are given back either way)."""
-        if self.guard is None:
-            return
-        try:
-            self.guard.pause(RATE_LIMIT_PAUSE_S)
-        except Exception:
-            log.exception("could not set the shared pause; each worker will meet the block")
-        else:
-            log.warning(
-                "Polyv rate limit: every worker pauses sends through account %s for %.0fs",
-                self.account,
-                RATE_LIMIT_PAUSE_S,
-            )
-
     def _send_and_settle(
         self, run: _Run, request: SmsRequest, reserved: Sequence[NumberState]
     ) -> None:
@@ -276,7 +260,8 @@ class Dispatcher:
                 # Polyv blocks an IP that exceeds its rate for 5 minutes: sooner is wasted,
                 # and every worker stops sending through this account meanwhile.
                 delay = max(delay, min(RATE_LIMIT_PAUSE_S, self.retry_backoff_max_s))
-                self._pause_everyone()
+                if self.guard is not None:
+                    self.guard.block_seen(self.account)
             run.retry_in = max(run.retry_in or 0.0, delay)
             items += sent
         if items:

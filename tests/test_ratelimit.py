@@ -176,3 +176,34 @@ def test_a_request_that_waited_for_its_slot_still_respects_a_pause_set_meanwhile
     slot = guard.acquire()
     assert (slot.granted, slot.paused) == (False, True)
     assert 55 < slot.wait_s <= 60
+
+
+def test_a_pause_that_cannot_be_set_never_keeps_the_answer_from_the_ledger(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s" * 16
+    with PolyvSimulator(ledger.app_id, secret) as sim:
+        sim.set_faults(rate_limit_rate=1.0)
+        guard = RateGuard(ledger, 100)
+
+        def broken_pause(*_args: object, **_kwargs: object) -> None:
+            raise redis.ResponseError("no pause today")
+
+        guard.pause = broken_pause  # type: ignore[method-assign]
+        polyv = PolyvClient(ledger.app_id, secret, sim.url, timeout=2.0)
+        dispatcher = Dispatcher(
+            ledger, polyv, max_attempts=3, retry_backoff_s=1.0, retry_backoff_max_s=10.0,
+            guard=guard,
+        )  # fmt: skip
+        request = validate_request((), {
+            "phone_numbers": ["13700000903"],
+            "template_param_names": ["code"],
+            "template_param_values": ["1"],
+        }, account_daily_limit=2000)  # fmt: skip
+        outcome = dispatcher.run(request, message_id="m-block", task_id="t")
+        assert (outcome.result, outcome.reason) == (None, "pending")
+        state = ledger.peek("m-block", ["13700000903"])["13700000903"]
+        # Settled: still reserved for a retry, the rate-limited attempt given back.
+        assert (state.state, state.attempts) == ("reserved", 0)
+        assert "could not set the shared pause" in caplog.text
+        polyv.close()

@@ -16,6 +16,7 @@ Polyv request (about 0.1 ms on a local Redis, against a Polyv request of tens of
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ __all__ = [
     "RateGuard",
     "Slot",
 ]
+
+log = logging.getLogger("polyv_sms.ledger.ratelimit")
 
 #: Polyv blocks an IP that exceeds its rate limit for 5 minutes; every worker pauses that long.
 RATE_LIMIT_PAUSE_S = 300.0
@@ -138,6 +141,21 @@ class RateGuard:
         redis = self.ledger.redis
         if int(self.ledger.call(redis.pttl, self.pause_key)) < ms:
             self.ledger.call(redis.set, self.pause_key, reason, px=ms)
+
+    def block_seen(self, account: str) -> None:
+        """Polyv answered "rate exceeded": pause every worker for :data:`RATE_LIMIT_PAUSE_S`.
+        Best effort: the settle that follows matters more (the numbers' attempts are given
+        back either way), so a failure is logged, not raised."""
+        try:
+            self.pause(RATE_LIMIT_PAUSE_S)
+        except Exception:
+            log.exception("could not set the shared pause; each worker will meet the block")
+        else:
+            log.warning(
+                "Polyv rate limit: every worker pauses sends through account %s for %.0fs",
+                account,
+                RATE_LIMIT_PAUSE_S,
+            )
 
     def paused_for(self) -> float:
         """Seconds left of the pause (0 when not paused)."""
