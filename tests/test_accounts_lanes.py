@@ -191,24 +191,57 @@ def test_bulk_stops_at_limit_less_headroom_while_urgent_and_standard_use_the_who
     assert [r["outcome"] for r in standard["results"]] == ["accepted", "account_quota_exceeded"]
 
 
-def test_urgent_overtakes_a_bulk_backlog(lane_workers, sim) -> None:
+def test_urgent_overtakes_a_bulk_backlog(lane_workers, sim, redis_server) -> None:
     sim.set_faults(latency_s=0.05)
     lane_workers(concurrency=2)
     backlog = [
         send_sms.delay(numbers(1, 1000 + i), ["code"], ["1"], lane="bulk") for i in range(120)
     ]
     wait_for(lambda: len(sim.requests()) >= 5, 30, what="the bulk backlog to start")
-    urgent = [
-        send_sms.delay(numbers(1, 2000 + i), ["code"], ["1"], lane="urgent") for i in range(3)
-    ]
-    for pending in urgent:
-        assert pending.get(timeout=TIMEOUT)["counts"]["accepted"] == 1
+    # Six urgent messages land in sms.urgent at once (staged under a prefix, then renamed),
+    # so that the order the worker takes them in is the broker's, not the producer's pace.
+    stager = Celery("stager", broker=redis_server.url(0))
+    stager.conf.update(
+        task_serializer="json",
+        broker_transport_options={"global_keyprefix": "stage:"},
+        broker_connection_retry_on_startup=True,
+    )
+    urgent = numbers(6, 2000)
+    for number in urgent:
+        kwargs = {
+            "phone_numbers": [number],
+            "template_param_names": ["code"],
+            "template_param_values": ["1"],
+            "lane": "urgent",
+        }
+        stager.send_task("polyv_sms.send_sms", kwargs=kwargs, queue="sms.urgent")
+    stager.close()
+    redis_server.client(0).rename("stage:sms.urgent", "sms.urgent")
+    wait_for(lambda: all(sim.received(n) for n in urgent), TIMEOUT, what="the urgent messages")
     order = [r["numbers"][0] for r in sim.requests()]
-    last_urgent = max(order.index(numbers(1, 2000 + i)[0]) for i in range(3))
-    # Urgent work is taken before what is queued: only bulk already fetched runs first
-    # (2 threads, prefetch 1 each), not the backlog of more than 100 behind it.
-    assert last_urgent < 5 + 3 + 2 * 2 + 4
+    positions = sorted(order.index(n) for n in urgent)
+    # Urgent work is always taken first: once the first urgent message went out, no bulk
+    # message started until the last one had (a round-robin over the queues interleaves them).
+    assert positions == list(range(positions[0], positions[0] + len(urgent))), positions
     assert sum(1 for p in backlog if p.ready()) < 100
+
+
+def test_a_retry_stays_in_its_lane(account, sim, redis_server, tmp_path: Path) -> None:
+    # A worker that consumes only sms.urgent: a retry published to any other queue would
+    # never run.
+    env = worker_env(account, sim, redis_server)
+    worker = WorkerProcess(
+        env, tmp_path / "urgent-only.log", concurrency=2, name="urgent-only",
+        extra_args=("-Q", "sms.urgent"),
+    ).start()  # fmt: skip
+    try:
+        sim.set_faults(fail_numbers={"13700000041": 2})
+        done = send_sms.delay(["13700000041"], ["code"], ["1"], lane="urgent").get(timeout=TIMEOUT)
+        assert (done["lane"], done["results"][0]["attempts"]) == ("urgent", 3)
+        assert done["counts"]["accepted"] == 1
+    finally:
+        worker.stop()
+        empty_broker(redis_server)
 
 
 # --- the shared rate guard -------------------------------------------------------------------
