@@ -36,6 +36,7 @@ __all__ = [
     "account_names",
     "account_settings",
     "load_accounts",
+    "widest",
 ]
 
 #: The account of ``POLYV_APP_ID``/``POLYV_APP_SECRET``, and the task's default.
@@ -162,6 +163,23 @@ def account_app_ids(settings: Settings) -> dict[str, str]:
         for name, table in _read_file(settings.accounts_file).items():
             app_ids.setdefault(name, str(table["app_id"]).strip())
     return app_ids
+
+
+def widest(settings: Settings) -> Settings:
+    """``settings`` with ``account_daily_limit`` raised to the largest account's, for what must
+    fit a message of any account: the request size a producer accepts and the task's time
+    limit. Each account's own limit still applies to its messages (in the worker)."""
+    if not settings.accounts_file:
+        return settings
+    path = settings.accounts_file
+    largest = settings.account_daily_limit
+    for name, table in _read_file(path).items():
+        where = f"SMS_ACCOUNTS_FILE={path!r}: [accounts.{name}]"
+        limit = _limit(where, table, "account_daily_limit", settings.account_daily_limit, 1)
+        largest = max(largest, limit)
+    if largest == settings.account_daily_limit:
+        return settings
+    return replace(settings, account_daily_limit=largest)
 
 
 def account_settings(settings: Settings, name: str) -> Settings:

@@ -92,6 +92,12 @@ def account_for(runtime: Runtime, request: SmsRequest, task_request: Any) -> Acc
             another appId than this worker's account of that name. Nothing is sent.
     """
     built = runtime.account(request.account or DEFAULT_ACCOUNT)
+    limit = built.account.account_daily_limit
+    if len(request.phone_numbers) > limit:
+        raise InvalidRequest(
+            f"phone_numbers: {len(request.phone_numbers)} numbers is more than account "
+            f"{request.account!r}'s daily limit of {limit}"
+        )
     meant = _header(task_request, APP_ID_HEADER)
     if meant and meant != built.account.app_id:
         raise InvalidRequest(

@@ -111,7 +111,8 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """
     runtime = get_runtime()
     settings = runtime.settings
-    request = validate_request(args, kwargs, account_daily_limit=settings.account_daily_limit)
+    limit = self.app.conf.get("polyv_sms_account_daily_limit") or settings.account_daily_limit
+    request = validate_request(args, kwargs, account_daily_limit=limit)
     # The account it was enqueued for, or a clear failure: never another account.
     dispatcher = routing.account_for(runtime, request, self.request).dispatcher
     task_id = str(self.request.id)

@@ -34,7 +34,7 @@ from typing import Any
 from celery import Celery, signals
 
 from polyv_sms import routing
-from polyv_sms.accounts import load_accounts
+from polyv_sms.accounts import load_accounts, widest
 from polyv_sms.config import Settings
 from polyv_sms.errors import ConfigError
 from polyv_sms.lanes import WORKER_QUEUES
@@ -58,6 +58,7 @@ PUBLISH_RETRY_POLICY = {
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``."""
+    settings = widest(settings)  # a message of any account fits (issue 12)
     visibility = {"visibility_timeout": int(settings.visibility_timeout_s)}
     broker_options: dict[str, Any] = dict(visibility)
     if settings.broker_url.startswith(("redis", "rediss", "sentinel")):

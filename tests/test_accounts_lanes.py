@@ -151,7 +151,9 @@ def test_two_accounts_from_one_file_send_through_their_own_app_id_and_sign(
 def test_a_worker_with_only_an_accounts_file(account, lane_workers, tmp_path: Path) -> None:
     app_id, secret = account  # the simulator's account, named in the file only
     path = accounts_file(
-        tmp_path, f'[accounts.only]\napp_id = "{app_id}"\napp_secret_file = "{tmp_path}/s"\n'
+        tmp_path,
+        f'[accounts.only]\napp_id = "{app_id}"\napp_secret_file = "{tmp_path}/s"\n'
+        "account_daily_limit = 2\nphone_daily_limit = 1\n",
     )
     (tmp_path / "s").write_text(secret + "\n")
     worker = lane_workers(SMS_ACCOUNTS_FILE=path, POLYV_APP_ID="", POLYV_APP_SECRET="")
@@ -159,6 +161,9 @@ def test_a_worker_with_only_an_accounts_file(account, lane_workers, tmp_path: Pa
     assert (sent["account"], sent["counts"]["accepted"]) == ("only", 1)
     with pytest.raises(InvalidRequest, match="unknown account 'default'; this worker knows: only"):
         send_sms.delay(["13700000032"], ["code"], ["1"]).get(timeout=TIMEOUT)
+    # The account's own limit bounds its messages (the producer knows only the defaults).
+    with pytest.raises(InvalidRequest, match=r"more than account 'only'.s daily limit of 2"):
+        send_sms.delay(numbers(3, 40), ["code"], ["1"], account="only").get(timeout=TIMEOUT)
     assert secret not in worker.log()
 
 
@@ -435,3 +440,21 @@ def test_urgent_overtakes_a_bulk_backlog_on_rabbitmq(
     finally:
         worker.stop()
         producer.close()
+
+
+def test_an_account_with_a_larger_limit_takes_larger_messages(tmp_path: Path) -> None:
+    from polyv_sms.accounts import widest
+    from polyv_sms.worker import celery_config
+
+    path = accounts_file(
+        tmp_path,
+        '[accounts.big]\napp_id = "appBig"\napp_secret_env = "X"\naccount_daily_limit = 5000\n',
+    )
+    settings = Settings(accounts_file=str(path))
+    assert widest(settings).account_daily_limit == 5000
+    config = celery_config(settings)
+    # The producer accepts a message as large as the largest account allows, and the task's
+    # time limit covers its 25 Polyv requests (the worker checks each account's own limit).
+    assert config["polyv_sms_account_daily_limit"] == 5000
+    assert config["task_time_limit"] == widest(settings).task_time_limit_s
+    assert config["task_time_limit"] > Settings().task_time_limit_s
