@@ -265,6 +265,8 @@ def load_accounts(settings: Settings, env: Mapping[str, str] | None = None) -> d
     """
     env = os.environ if env is None else env
     accounts: dict[str, Account] = {}
+    if settings.app_id or settings.app_secret:
+        settings.require_credentials()  # one without the other: name the missing variable
     if settings.app_id and settings.app_secret:
         accounts[DEFAULT_ACCOUNT] = Account(
             name=DEFAULT_ACCOUNT,

@@ -20,7 +20,7 @@ from test_cli import run, run_json
 
 from polyv_sms import send_sms
 from polyv_sms.accounts import load_accounts
-from polyv_sms.config import Settings
+from polyv_sms.config import Secret, Settings
 from polyv_sms.errors import ConfigError, InvalidRequest
 from polyv_sms.lanes import WORKER_QUEUES
 from polyv_sms.polyv.simulator import PolyvSimulator
@@ -89,7 +89,7 @@ def test_an_account_secret_comes_from_its_variable_or_file(tmp_path: Path) -> No
         '[accounts.b]\napp_id = "appB"\napp_secret_env = "B_SECRET"\nbulk_headroom = 5\n'
         f'[accounts.c]\napp_id = "appC"\napp_secret_file = "{secret_file}"\npolyv_rate = 7\n',
     )
-    settings = Settings(app_id="appA", accounts_file=str(path))
+    settings = Settings(app_id="appA", app_secret=Secret("secret-a"), accounts_file=str(path))
     with pytest.raises(ConfigError, match=r"\[accounts.b\]: app_secret_env names B_SECRET"):
         load_accounts(settings, env={})
     accounts = load_accounts(settings, env={"B_SECRET": "secret-b"})
@@ -458,3 +458,12 @@ def test_an_account_with_a_larger_limit_takes_larger_messages(tmp_path: Path) ->
     assert config["polyv_sms_account_daily_limit"] == 5000
     assert config["task_time_limit"] == widest(settings).task_time_limit_s
     assert config["task_time_limit"] > Settings().task_time_limit_s
+
+
+def test_an_app_id_without_its_secret_is_refused_even_with_an_accounts_file(
+    tmp_path: Path,
+) -> None:
+    path = accounts_file(tmp_path, '[accounts.b]\napp_id = "appB"\napp_secret_env = "B"\n')
+    settings = Settings(app_id="appA", accounts_file=str(path))
+    with pytest.raises(ConfigError, match="POLYV_APP_SECRET must be set"):
+        load_accounts(settings, env={"B": "secret-b"})
