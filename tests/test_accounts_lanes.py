@@ -366,6 +366,7 @@ def test_account_on_every_command_and_requeue_through_the_same_account(
         assert run_json(env, "pause")["paused_for_s"] == 0  # the default account is not paused
         cleared = run_json(env, "pause", "--account", "shop-b", "--clear")
         assert (cleared["cleared"], cleared["paused_for_s"]) == (True, 0)
+        assert run_json(env, "reconcile", "--account", "shop-b") == {"enqueued": []}
         unknown = run(env, "status", "x", "--account", "shop-z", code=2)
         assert "no such account" in unknown.stderr
 
