@@ -105,9 +105,15 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         template_param_values: one value per name.
         message_id: idempotency key; the task id when omitted. Enqueueing the same id again
             sends nothing that was accepted and reports the stored outcomes.
+        account: keyword only; the account that sends it (``default``: ``POLYV_APP_ID``;
+            others from ``SMS_ACCOUNTS_FILE``). Never sent through another one.
+        lane: keyword only; ``urgent``, ``standard`` or ``bulk`` (queues ``sms.urgent``,
+            ``sms``, ``sms.bulk``); bulk stops ``SMS_BULK_HEADROOM`` units short of the
+            account's daily limit.
 
     Returns:
-        ``{"message_id", "results": [per number], "counts": {outcome: n}}``.
+        ``{"message_id", "results": [per number], "counts": {outcome: n}, "account",
+        "lane"}``.
     """
     runtime = get_runtime()
     settings = runtime.settings
