@@ -468,3 +468,26 @@ def test_an_app_id_without_its_secret_is_refused_even_with_an_accounts_file(
     settings = Settings(app_id="appA", accounts_file=str(path))
     with pytest.raises(ConfigError, match="POLYV_APP_SECRET must be set"):
         load_accounts(settings, env={"B": "secret-b"})
+
+
+def test_every_accounts_secret_is_redacted_from_worker_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import logging
+
+    from polyv_sms import worker
+
+    path = accounts_file(tmp_path, '[accounts.b]\napp_id = "appB"\napp_secret_env = "B_SECRET"\n')
+    monkeypatch.setenv("SMS_ACCOUNTS_FILE", str(path))
+    monkeypatch.setenv("B_SECRET", "secret-of-b-123")
+    monkeypatch.setenv("POLYV_APP_ID", "appA")
+    monkeypatch.setenv("POLYV_APP_SECRET", "secret-of-a-456")
+    stream = io.StringIO()
+    logger = logging.getLogger(f"redaction-{uuid.uuid4().hex}")
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.propagate = False
+    worker._redact_logs(logger)
+    logger.warning("oops: %s and %s", "secret-of-b-123", "secret-of-a-456")
+    assert "secret-of" not in stream.getvalue()
+    assert stream.getvalue().count("**********") == 2
