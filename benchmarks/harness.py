@@ -209,6 +209,10 @@ class SimulatorProcess:
         """Forget records and counters (keeps the faults)."""
         self._call("POST", "/_sim/reset", {})
 
+    def sent(self) -> list[dict[str, Any]]:
+        """The recorded send requests (``GET /_sim/sent``), oldest first."""
+        return list(self._call("GET", "/_sim/sent")["requests"])
+
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset."""
         return dict(self._call("GET", "/_sim/stats"))

@@ -19,16 +19,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks import e2e, micro
+from benchmarks import e2e, lanes, micro
 from benchmarks.harness import ROOT, RedisServer, SimulatorProcess, exit_on_sigterm
 
-SECTIONS = ("enqueue", "ledger", "memory", "e2e")
+SECTIONS = ("enqueue", "ledger", "memory", "e2e", "lanes")
 APP_ID = "benchapp"
 APP_SECRET = "bench-secret-not-a-real-one"  # the simulator's made-up account
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 TARGET_RATIO = 0.95
-TARGET_SCRIPTS_PER_REQUEST = 2
+#: reserve, settle and the shared rate guard (issue 12: a script of its own, taken before
+#: reserve so that a request waiting for its slot holds no unit and burns no attempt).
+TARGET_SCRIPTS_PER_REQUEST = 3
 TARGET_LEDGER_VS_PING = 3.0
 TARGET_ENQUEUE_RATIO = 0.9
 
@@ -127,6 +129,10 @@ def worker_env(broker: RedisServer, ledger: RedisServer, simulator: SimulatorPro
         # The reconciler sweeps every 30 s by default; off, so that commandstats count only
         # the per-message path.
         "SMS_RECONCILE_INTERVAL": "0",
+        # The shared rate guard (default 100 requests/s) would cap the throughput runs: set
+        # far above them, so that they measure the project's overhead (the guard's round trip
+        # included); the lanes section measures the guard itself.
+        "SMS_POLYV_RATE": "1000000",
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -252,7 +258,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "pass": enqueue["ratio"] >= TARGET_ENQUEUE_RATIO,
             }
         )
-    return checks
+    return checks + lanes.targets(report)
 
 
 def render(report: dict[str, Any]) -> str:
@@ -355,6 +361,7 @@ def render(report: dict[str, Any]) -> str:
                 f"  {size:>3} numbers: send_sms.delay {row['project_calls_s']:.0f}/s, "
                 f"bare task delay {row['baseline_calls_s']:.0f}/s, ratio {row['ratio']:.2f}"
             )
+    lines += lanes.render(report)
     checks = report.get("targets", [])
     if checks:
         lines += ["", "Targets"]
@@ -419,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
             names = e2e.script_commands()
             report["e2e"] = [row.summary(names) for row in rows]
             report["e2e_runs"] = [run.as_dict() for row in rows for run in row.runs]
+        if "lanes" in args.sections:
+            env = worker_env(broker, ledger, simulator)
+            print("lanes: urgent latency under a bulk backlog ...", flush=True)
+            urgent = lanes.urgent_latency(broker, ledger, simulator, env, workdir)
+            print("lanes: the shared rate guard ...", flush=True)
+            guard = lanes.rate_guard(broker, ledger, simulator, env, workdir)
+            report["lanes"] = {"urgent": urgent, "rate_guard": guard}
     finally:
         simulator.stop()
         ledger.stop()

@@ -17,7 +17,7 @@ __all__ = ["BackgroundError", "start", "stop"]
 log = logging.getLogger("polyv_sms.background")
 
 _lock = threading.Lock()
-_reconciler: Reconciler | None = None
+_reconcilers: list[Reconciler] = []
 _mover: MisroutedMover | None = None
 #: Set by supervisord (``%(process_num)d``) so that worker N serves metrics on port + N.
 WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
@@ -42,7 +42,7 @@ def start(enqueue_again: Enqueue) -> None:
         BackgroundError: one of them could not start; the message says which and why
             (naming the variable).
     """
-    global _reconciler, _mover  # noqa: PLW0603 - one per worker process
+    global _mover  # noqa: PLW0603 - one per worker process
     try:
         runtime = get_runtime()
     except Exception as exc:
@@ -61,16 +61,25 @@ def start(enqueue_again: Enqueue) -> None:
                     f"metrics: cannot listen on port {port} (SMS_METRICS_PORT="
                     f"{settings.metrics_port} + {WORKER_INDEX_ENV}={raw_index}): {exc}"
                 ) from exc
-        if _reconciler is None and settings.reconcile_interval_s > 0:
-            _reconciler = Reconciler(
-                runtime.ledger, enqueue_again, interval_s=settings.reconcile_interval_s
-            )
+        if not _reconcilers and settings.reconcile_interval_s > 0:
+            # One per account: each sweeps its own ledger keys.
             try:
-                _reconciler.start()
+                ledgers = [runtime.account(name).ledger for name in sorted(runtime.accounts)]
+                for ledger in ledgers or [runtime.ledger]:
+                    reconciler = Reconciler(
+                        ledger, enqueue_again, interval_s=settings.reconcile_interval_s
+                    )
+                    reconciler.start()
+                    _reconcilers.append(reconciler)
             except Exception as exc:
-                _reconciler = None
+                while _reconcilers:
+                    _reconcilers.pop().stop()
                 raise BackgroundError(f"the reconciler could not start: {exc}") from exc
-            log.info("reconciler sweeping every %gs", settings.reconcile_interval_s)
+            log.info(
+                "reconciler sweeping every %gs (%d accounts)",
+                settings.reconcile_interval_s,
+                len(_reconcilers),
+            )
         if _mover is None:
             try:
                 _mover = MisroutedMover.for_broker(settings.broker_url)
@@ -84,11 +93,10 @@ def start(enqueue_again: Enqueue) -> None:
 
 def stop() -> None:
     """Stop the reconciler and the mover of mis-routed tasks."""
-    global _reconciler, _mover  # noqa: PLW0603
+    global _mover  # noqa: PLW0603
     with _lock:
-        if _reconciler is not None:
-            _reconciler.stop()
-            _reconciler = None
+        while _reconcilers:
+            _reconcilers.pop().stop()
         if _mover is not None:
             _mover.stop()
             _mover = None

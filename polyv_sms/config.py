@@ -21,10 +21,12 @@ __all__ = [
     "DEFAULT_ACCOUNT_DAILY_LIMIT",
     "DEFAULT_API_BASE",
     "DEFAULT_BROKER_URL",
+    "DEFAULT_BULK_HEADROOM",
     "DEFAULT_CONNECT_RETRY_BUDGET_S",
     "DEFAULT_HTTP_TIMEOUT_S",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_PHONE_DAILY_LIMIT",
+    "DEFAULT_POLYV_RATE",
     "DEFAULT_RECEIPT_TTL_DAYS",
     "DEFAULT_RETRY_BACKOFF_MAX_S",
     "DEFAULT_RETRY_BACKOFF_S",
@@ -52,6 +54,10 @@ DEFAULT_REDIS_OUTAGE_S = 30.0
 DEFAULT_RECONCILE_INTERVAL_S = 30.0
 DEFAULT_RECONCILE_GRACE_S = 120.0
 DEFAULT_WORKER_CONCURRENCY = 16
+#: Units of an account's daily limit that bulk messages may not use (kept for login codes).
+DEFAULT_BULK_HEADROOM = 200
+#: Polyv requests per second, across every worker sharing the ledger Redis.
+DEFAULT_POLYV_RATE = 100.0
 #: Polyv refuses more than this many numbers in one request.
 POLYV_MAX_NUMBERS_PER_REQUEST = 200
 #: In-place retries of a connection that never reached Polyv take at most this long together.
@@ -187,6 +193,11 @@ class Settings:
     reconcile_grace_s: float = DEFAULT_RECONCILE_GRACE_S
     worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY
     metrics_port: int | None = None
+    # --- accounts, lanes and the rate guard (issue 12) ---
+    #: ``SMS_ACCOUNTS_FILE``: TOML file of further accounts (see :mod:`polyv_sms.accounts`).
+    accounts_file: str | None = None
+    bulk_headroom: int = DEFAULT_BULK_HEADROOM
+    polyv_rate: float = DEFAULT_POLYV_RATE
 
     def __post_init__(self) -> None:
         try:
@@ -278,6 +289,10 @@ class Settings:
                 env, "SMS_WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY, minimum=1
             ),
             metrics_port=None if metrics_port is None else _port(env, "SMS_METRICS_PORT"),
+            # --- accounts, lanes and the rate guard (issue 12) ---
+            accounts_file=_text(env, "SMS_ACCOUNTS_FILE", None),
+            bulk_headroom=_integer(env, "SMS_BULK_HEADROOM", DEFAULT_BULK_HEADROOM, minimum=0),
+            polyv_rate=_number(env, "SMS_POLYV_RATE", DEFAULT_POLYV_RATE, minimum=0.001),
         )
 
     def require_credentials(self) -> tuple[str, Secret]:

@@ -24,7 +24,9 @@ from polyv_sms.errors import (
     TransientError,
     UnexpectedResponse,
 )
+from polyv_sms.lanes import DEFAULT_LANE, lane_account_limit
 from polyv_sms.ledger import Ledger, NumberState, Settlement
+from polyv_sms.ledger.ratelimit import BULK_RATE_WAIT_MAX_S, RATE_LIMIT_PAUSE_S, RateGuard
 from polyv_sms.polyv.client import (
     KNOWN_STATUSES,
     STATUS_ACCEPTED,
@@ -45,8 +47,6 @@ log = logging.getLogger("polyv_sms.dispatch")
 #: The final outcomes of a number, in the order the result's ``counts`` lists them.
 OUTCOMES = ("accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed")
 _BUSY_JITTER_S = 0.5
-#: Polyv blocks an IP that exceeds its rate limit for 5 minutes.
-RATE_LIMIT_PAUSE_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +73,8 @@ class _Run:
     abort: PermanentError | None = None
     give_up: str | None = None
     retry_in: float | None = None
+    account: str = "default"
+    lane: str = DEFAULT_LANE
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -93,6 +95,9 @@ class Dispatcher:
             ``False`` such numbers end ``failed`` instead (at-most-once).
         rng: jitter source.
         clock: the current time in seconds.
+        account: the account's name (results, metrics and the stored request carry it).
+        bulk_headroom: units of the account's daily limit bulk messages may not use.
+        guard: the shared rate guard; ``None`` sends without one (tests, the demo).
     """
 
     def __init__(
@@ -106,7 +111,13 @@ class Dispatcher:
         retry_ambiguous: bool = True,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        account: str = "default",
+        bulk_headroom: int = 0,
+        guard: RateGuard | None = None,
     ) -> None:
+        self.account = account
+        self.bulk_headroom = bulk_headroom
+        self.guard = guard
         self.ledger = ledger
         self.client = client
         self.max_attempts = max_attempts
@@ -141,7 +152,13 @@ class Dispatcher:
             The result, or when to run again.
         """
         checks = [check_phone(n) for n in request.phone_numbers]
-        run = _Run(message_id, uuid.uuid4().hex, checks, give_up=give_up)
+        lane = request.lane
+        run = _Run(
+            message_id, uuid.uuid4().hex, checks, give_up=give_up, account=self.account, lane=lane
+        )
+        account_limit = lane_account_limit(
+            lane, self.ledger.account_daily_limit, self.bulk_headroom
+        )
         # A dict keeps the first occurrence's order and checks membership in O(1) (a list
         # made deduplicating 2000 numbers quadratic).
         distinct: dict[str, None] = {}
@@ -158,6 +175,8 @@ class Dispatcher:
             "template_param_names": list(request.template_param_names),
             "template_param_values": list(request.template_param_values),
             "created_at": round(self.clock(), 3),
+            "account": self.account,
+            "lane": lane,
         }
         chunks = list(_chunks(valid, POLYV_MAX_NUMBERS_PER_REQUEST)) or [[]]
         for index, chunk in enumerate(chunks):
@@ -168,12 +187,16 @@ class Dispatcher:
                 self._fail_unsent(run, chunk)
                 continue
             first = index == 0
+            waiting = self._wait_for_slot(message_id, lane) if chunk else None
+            if waiting is not None:
+                return waiting
             reservation = self.ledger.reserve(
                 message_id,
                 chunk,
                 invalid.items() if first else (),
                 token=run.token,
                 meta=meta if first else None,
+                account_limit=account_limit,
             )
             if reservation.busy_for_s is not None:
                 # The holder usually settles within one HTTP timeout; look again then.
@@ -184,7 +207,7 @@ class Dispatcher:
                 )
                 return RunOutcome(None, delay, "busy")
             run.states.update((s.number, s) for s in reservation.states)
-            self._count_refusals(reservation.states)
+            self._count_refusals(run, reservation.states)
             self._send_and_settle(run, request, reservation.states)
         pending = [n for n in valid if run.states.get(n) is None or not run.states[n].final]
         if pending:
@@ -195,8 +218,25 @@ class Dispatcher:
                 run.retry_in = self.backoff(max(attempts, default=1))
             return RunOutcome(None, run.retry_in, "pending")
         result = self.result(run)
-        metrics.count_outcomes(result["counts"])
+        metrics.count_outcomes(result["counts"], run.account, run.lane)
         return RunOutcome(result)
+
+    def _wait_for_slot(self, message_id: str, lane: str) -> RunOutcome | None:
+        """Take a slot of the shared rate guard before reserving (so that a request waiting
+        for its slot holds no unit and burns no attempt); ``None`` when the slot is taken.
+        Bulk books only slots close by: urgent work arriving behind it finds the next ones."""
+        if self.guard is None:
+            return None
+        slot = self.guard.acquire(BULK_RATE_WAIT_MAX_S if lane == "bulk" else None)
+        if slot.granted:
+            return None
+        reason = "paused" if slot.paused else "rate"
+        metrics.count_rate_wait(self.account, reason)
+        # Look again within the retry cap (SMS_RETRY_BACKOFF_MAX): a pause lifted early by an
+        # operator must not leave messages asleep for its whole 5 minutes.
+        delay = min(slot.wait_s, self.retry_backoff_max_s) + self.rng.uniform(0, _BUSY_JITTER_S)
+        log.info("message %s: %s; again in %.1fs", message_id, reason, delay)
+        return RunOutcome(None, delay, reason)
 
     def _send_and_settle(
         self, run: _Run, request: SmsRequest, reserved: Sequence[NumberState]
@@ -217,8 +257,11 @@ class Dispatcher:
             sent = self._send(run, request, to_send)
             delay = self.backoff(max(run.states[n].attempts for n in to_send))
             if any(item.action == "rate_limited" for item in sent):
-                # Polyv blocks an IP that exceeds its rate for 5 minutes: sooner is wasted.
+                # Polyv blocks an IP that exceeds its rate for 5 minutes: sooner is wasted,
+                # and every worker stops sending through this account meanwhile.
                 delay = max(delay, min(RATE_LIMIT_PAUSE_S, self.retry_backoff_max_s))
+                if self.guard is not None:
+                    self.guard.block_seen(self.account)
             run.retry_in = max(run.retry_in or 0.0, delay)
             items += sent
         if items:
@@ -335,10 +378,10 @@ class Dispatcher:
         run.states.update((s.number, s) for s in settled)
 
     @staticmethod
-    def _count_refusals(states: Sequence[NumberState]) -> None:
+    def _count_refusals(run: _Run, states: Sequence[NumberState]) -> None:
         for state in states:
             if state.state in ("quota_exceeded", "account_quota_exceeded") and not state.status:
-                metrics.count_quota_refusal(state.state)
+                metrics.count_quota_refusal(state.state, run.account, run.lane)
 
     def result(self, run: _Run) -> dict[str, Any]:
         """The task's result dict: per-number outcomes in input order, and counts."""
@@ -374,4 +417,10 @@ class Dispatcher:
                 ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no numbers",
                 ", ".join(sent) or "none",
             )
-        return {"message_id": run.message_id, "results": results, "counts": counts}
+        return {
+            "message_id": run.message_id,
+            "results": results,
+            "counts": counts,
+            "account": run.account,
+            "lane": run.lane,
+        }

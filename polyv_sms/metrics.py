@@ -14,6 +14,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 __all__ = [
     "count_outcomes",
     "count_quota_refusal",
+    "count_rate_wait",
     "count_retries",
     "observe_request",
     "serve",
@@ -23,8 +24,9 @@ log = logging.getLogger("polyv_sms.metrics")
 
 OUTCOMES = Counter(
     "polyv_sms_outcomes_total",
-    "Numbers that reached a final outcome, by outcome (counted when their message completes).",
-    ["outcome"],
+    "Numbers that reached a final outcome, by outcome, account and lane (counted when their "
+    "message completes).",
+    ["outcome", "account", "lane"],
 )
 REQUEST_SECONDS = Histogram(
     "polyv_sms_polyv_request_seconds",
@@ -45,13 +47,19 @@ RETRIES = Counter(
 )
 QUOTA_REFUSALS = Counter(
     "polyv_sms_quota_refusals_total",
-    "Numbers refused by our own daily limits before reaching Polyv, by kind.",
-    ["kind"],
+    "Numbers refused by our own daily limits before reaching Polyv, by kind, account and lane.",
+    ["kind", "account", "lane"],
 )
 TASK_RETRIES = Counter(
     "polyv_sms_task_retries_total",
     "Task retries scheduled through the broker, by reason (pending, busy, publish_failed).",
     ["reason"],
+)
+RATE_WAITS = Counter(
+    "polyv_sms_rate_waits_total",
+    "Runs put off by the shared rate guard before reserving anything, by account and reason "
+    "(rate: no slot soon enough; paused: Polyv blocked us).",
+    ["account", "reason"],
 )
 RECONCILED = Counter(
     "polyv_sms_reconciled_total",
@@ -65,11 +73,13 @@ def observe_request(seconds: float, result: str, numbers: int) -> None:
     NUMBERS_PER_REQUEST.observe(numbers)
 
 
-def count_outcomes(counts: Mapping[str, int]) -> None:
+def count_outcomes(
+    counts: Mapping[str, int], account: str = "default", lane: str = "standard"
+) -> None:
     """Record the outcomes of a completed message."""
     for outcome, count in counts.items():
         if count:
-            OUTCOMES.labels(outcome).inc(count)
+            OUTCOMES.labels(outcome, account, lane).inc(count)
 
 
 def count_retries(reason: str, numbers: int) -> None:
@@ -77,9 +87,14 @@ def count_retries(reason: str, numbers: int) -> None:
     RETRIES.labels(reason).inc(numbers)
 
 
-def count_quota_refusal(kind: str) -> None:
+def count_quota_refusal(kind: str, account: str = "default", lane: str = "standard") -> None:
     """Record a number refused by our own quota."""
-    QUOTA_REFUSALS.labels(kind).inc()
+    QUOTA_REFUSALS.labels(kind, account, lane).inc()
+
+
+def count_rate_wait(account: str, reason: str) -> None:
+    """Record a run put off by the shared rate guard."""
+    RATE_WAITS.labels(account, reason).inc()
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside

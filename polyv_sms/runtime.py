@@ -11,16 +11,29 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import redis
 
+from polyv_sms.accounts import DEFAULT_ACCOUNT, Account, load_accounts
 from polyv_sms.config import Settings
 from polyv_sms.dispatch import Dispatcher
+from polyv_sms.errors import InvalidRequest
 from polyv_sms.ledger import Ledger, build_ledger, connect_redis
+from polyv_sms.ledger.ratelimit import RateGuard
 from polyv_sms.polyv.client import PolyvClient
 
-__all__ = ["Runtime", "build_runtime", "get_runtime", "set_runtime"]
+__all__ = ["AccountRuntime", "Runtime", "build_runtime", "get_runtime", "set_runtime"]
+
+
+@dataclass(frozen=True)
+class AccountRuntime:
+    """One account's ledger, Polyv client, rate guard and dispatcher."""
+
+    account: Account
+    ledger: Ledger
+    client: PolyvClient
+    dispatcher: Dispatcher
 
 
 @dataclass(frozen=True)
@@ -32,10 +45,41 @@ class Runtime:
     ledger: Ledger
     client: PolyvClient
     dispatcher: Dispatcher
+    #: Every account this worker may send through, by name (issue 12); built lazily.
+    accounts: dict[str, Account] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
+    rng: random.Random | None = None
+    _built: dict[str, AccountRuntime] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def account(self, name: str) -> AccountRuntime:
+        """The objects of one account, built on first use and kept.
+
+        Raises:
+            InvalidRequest: this worker knows no account of that name (nothing is sent).
+        """
+        built = self._built.get(name)
+        if built is not None:
+            return built
+        with self._lock:
+            if name not in self._built:
+                account = self.accounts.get(name)
+                if account is None:
+                    known = ", ".join(sorted(self.accounts)) or "none"
+                    raise InvalidRequest(
+                        f"account: unknown account {name!r}; this worker knows: {known} "
+                        "(POLYV_APP_ID is 'default'; others come from SMS_ACCOUNTS_FILE)"
+                    )
+                self._built[name] = _build_account(
+                    self.settings, account, self.redis, clock=self.clock, rng=self.rng
+                )
+            return self._built[name]
 
     def close(self) -> None:
         """Release pooled connections."""
         self.client.close()
+        for built in self._built.values():
+            built.client.close()
         self.redis.close()
 
 
@@ -60,14 +104,49 @@ def build_runtime(
     """Build the runtime for ``settings``.
 
     Raises:
-        ConfigError: the credentials or the ledger's Redis (``SMS_REDIS_URL``) are missing.
+        ConfigError: no account (``POLYV_APP_ID``/``POLYV_APP_SECRET`` nor
+            ``SMS_ACCOUNTS_FILE``), a malformed accounts file, or no ledger Redis
+            (``SMS_REDIS_URL``).
     """
-    app_id, secret = settings.require_credentials()
+    accounts = load_accounts(settings)
+    if not accounts:
+        settings.require_credentials()  # names the missing variables
     client = connect_redis(settings.require_redis_url())
-    ledger = build_ledger(settings, client, clock=clock)
+    # The first account (``default`` when POLYV_APP_ID is set) is also the runtime's own.
+    first = accounts.get(DEFAULT_ACCOUNT) or next(iter(accounts.values()))
+    built = _build_account(settings, first, client, clock=clock, rng=rng)
+    return Runtime(
+        settings,
+        client,
+        built.ledger,
+        built.client,
+        built.dispatcher,
+        accounts=accounts,
+        clock=clock,
+        rng=rng,
+        _built={first.name: built},
+    )
+
+
+def _build_account(
+    settings: Settings,
+    account: Account,
+    client: redis.Redis,
+    *,
+    clock: Callable[[], float],
+    rng: random.Random | None,
+) -> AccountRuntime:
+    """The objects of one account: its limits in the ledger, its credentials in the client."""
+    own = replace(
+        settings,
+        app_id=account.app_id,
+        phone_daily_limit=account.phone_daily_limit,
+        account_daily_limit=account.account_daily_limit,
+    )
+    ledger = build_ledger(own, client, clock=clock)
     polyv = PolyvClient(
-        app_id,
-        secret,
+        account.app_id,
+        account.app_secret,
         settings.api_base,
         settings.http_timeout_s,
         clock=clock,
@@ -82,8 +161,11 @@ def build_runtime(
         retry_ambiguous=settings.retry_ambiguous,
         rng=rng,
         clock=clock,
+        account=account.name,
+        bulk_headroom=account.bulk_headroom,
+        guard=RateGuard(ledger, account.polyv_rate),
     )
-    return Runtime(settings, client, ledger, polyv, dispatcher)
+    return AccountRuntime(account, ledger, polyv, dispatcher)
 
 
 _lock = threading.Lock()

@@ -26,7 +26,7 @@ from celery.exceptions import Ignore, Reject, WorkerShutdown
 from celery.result import task_join_will_block
 from kombu.exceptions import OperationalError
 
-from polyv_sms import background, metrics
+from polyv_sms import background, metrics, routing
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
 from polyv_sms.errors import BrokerUnavailable, InvalidRequest, LedgerUnavailable
 from polyv_sms.polyv.phones import mask
@@ -65,6 +65,7 @@ def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
         "template_param_values": ["***"] * len(kwargs["template_param_values"]),
         "message_id": kwargs["message_id"],
     }
+    shown |= {key: kwargs[key] for key in ("account", "lane") if key in kwargs}
     return repr(shown)
 
 
@@ -92,6 +93,7 @@ class SendSmsTask(Task):  # type: ignore[misc]
         limit = self.app.conf.get("polyv_sms_account_daily_limit") or DEFAULT_ACCOUNT_DAILY_LIMIT
         request = validate_request(args, kwargs, account_daily_limit=limit)
         checked = request.as_kwargs()
+        routing.route(self.app.conf, request, options)
         options.setdefault("argsrepr", "()")
         options.setdefault("kwargsrepr", masked_kwargs_repr(checked))
         task_id = task_id or str(uuid.uuid4())
@@ -170,25 +172,35 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         template_param_values: one value per name.
         message_id: idempotency key; the task id when omitted. Enqueueing the same id again
             sends nothing that was accepted and reports the stored outcomes.
+        account: keyword only; the account that sends it (``default``: ``POLYV_APP_ID``;
+            others from ``SMS_ACCOUNTS_FILE``). Never sent through another one.
+        lane: keyword only; ``urgent``, ``standard`` or ``bulk`` (queues ``sms.urgent``,
+            ``sms``, ``sms.bulk``); bulk stops ``SMS_BULK_HEADROOM`` units short of the
+            account's daily limit.
 
     Returns:
-        ``{"message_id", "results": [per number], "counts": {outcome: n}}``.
+        ``{"message_id", "results": [per number], "counts": {outcome: n}, "account",
+        "lane"}``.
     """
     runtime = get_runtime()
     settings = runtime.settings
-    request = validate_request(args, kwargs, account_daily_limit=settings.account_daily_limit)
+    limit = self.app.conf.get("polyv_sms_account_daily_limit") or settings.account_daily_limit
+    request = validate_request(args, kwargs, account_daily_limit=limit)
+    # The account it was enqueued for, or a clear failure: never another account.
+    dispatcher = routing.account_for(runtime, request, self.request).dispatcher
     task_id = str(self.request.id)
     key = request.message_id or task_id
-    retries = int(self.request.retries or 0)
+    # Runs put off by the rate guard consumed no attempt: they do not count towards giving up.
+    retries = int(self.request.retries or 0) - routing.rate_waits(self.request)
     give_up = None
     if retries >= _retry_cap(settings):
         give_up = f"gave up after {retries} task retries"
     try:
-        outcome = runtime.dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
+        outcome = dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
     except (LedgerUnavailable, redis.RedisError) as exc:
         # Retried through the broker like any transient failure: failing the task would drop
         # the message (acks_late acknowledges a failed task).
-        countdown = runtime.dispatcher.backoff(retries + 1)
+        countdown = dispatcher.backoff(retries + 1)
         log.warning("message %s: %s; retrying in %.1fs", key, exc, countdown)
         outcome_reason = "ledger"
     else:
@@ -199,7 +211,7 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         outcome_reason = outcome.reason
     metrics.TASK_RETRIES.labels(outcome_reason).inc()
     try:
-        raise self.retry(countdown=countdown)
+        raise self.retry(countdown=countdown, **routing.retry_options(self.request, outcome_reason))
     except Reject as exc:
         # Celery rejects a task whose retry it could not publish without requeueing: the
         # broker deletes the message and the result says FAILURE, though the message is not

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from polyv_sms.errors import InvalidRequest
+from polyv_sms.lanes import DEFAULT_LANE, LANES
 
 __all__ = ["MAX_MESSAGE_ID_CHARS", "MAX_PARAM_CHARS", "SmsRequest", "validate_request"]
 
@@ -20,6 +21,10 @@ MAX_MESSAGE_ID_CHARS = 200
 MAX_PARAM_CHARS = 500
 MAX_PARAMS = 50
 _ARG_NAMES = ("phone_numbers", "template_param_names", "template_param_values", "message_id")
+#: Keyword-only arguments (issue 12): which account sends it, and in which lane.
+_KEYWORDS = ("account", "lane")
+DEFAULT_ACCOUNT = "default"
+_ACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]+")
 
 
@@ -33,21 +38,31 @@ class SmsRequest:
         template_param_names: the template's parameter names.
         template_param_values: one text value per name.
         message_id: the idempotency key, or ``None`` to use the task id.
+        account: the account that sends it (``default``: ``POLYV_APP_ID``).
+        lane: ``urgent``, ``standard`` or ``bulk``.
     """
 
     phone_numbers: tuple[object, ...]
     template_param_names: tuple[str, ...]
     template_param_values: tuple[str, ...]
     message_id: str | None
+    account: str = DEFAULT_ACCOUNT
+    lane: str = DEFAULT_LANE
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The task's keyword arguments, JSON-safe."""
-        return {
+        """The task's keyword arguments, JSON-safe (``account`` and ``lane`` only when not
+        the defaults: a message without them runs on workers older than them)."""
+        kwargs: dict[str, Any] = {
             "phone_numbers": list(self.phone_numbers),
             "template_param_names": list(self.template_param_names),
             "template_param_values": list(self.template_param_values),
             "message_id": self.message_id,
         }
+        if self.account != DEFAULT_ACCOUNT:
+            kwargs["account"] = self.account
+        if self.lane != DEFAULT_LANE:
+            kwargs["lane"] = self.lane
+        return kwargs
 
 
 def bind_arguments(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -58,9 +73,9 @@ def bind_arguments(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None)
         raise InvalidRequest(f"send_sms takes at most {len(_ARG_NAMES)} arguments, got {len(args)}")
     bound = dict(zip(_ARG_NAMES, args, strict=False))
     for name, value in kwargs.items():
-        if name not in _ARG_NAMES:
+        if name not in _ARG_NAMES and name not in _KEYWORDS:
             raise InvalidRequest(
-                f"{name}: unexpected argument; send_sms takes {', '.join(_ARG_NAMES)}"
+                f"{name}: unexpected argument; send_sms takes {', '.join(_ARG_NAMES + _KEYWORDS)}"
             )
         if name in bound:
             raise InvalidRequest(f"{name}: given both positionally and by keyword")
@@ -151,4 +166,13 @@ def validate_request(
                 f"message_id: must be 1 to {MAX_MESSAGE_ID_CHARS} characters without spaces "
                 "or control characters"
             )
-    return SmsRequest(tuple(numbers), tuple(names), tuple(texts), message_id)
+    account = bound.get("account", DEFAULT_ACCOUNT)
+    if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
+        raise InvalidRequest(
+            f"account: {account!r} is not an account name (1 to 64 letters, digits, '_', '.' "
+            "or '-')"
+        )
+    lane = bound.get("lane", DEFAULT_LANE)
+    if lane not in LANES:
+        raise InvalidRequest(f"lane: {lane!r} is not one of {', '.join(LANES)}")
+    return SmsRequest(tuple(numbers), tuple(names), tuple(texts), message_id, account, lane)

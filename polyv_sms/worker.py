@@ -1,4 +1,5 @@
-"""The Celery app of polyv-sms: ``celery -A polyv_sms.worker worker -Q sms``.
+"""The Celery app of polyv-sms: ``celery -A polyv_sms.worker worker -Q sms.urgent,sms,sms.bulk``
+(the three lanes, urgent first; ``-Q sms`` alone serves only the standard lane).
 
 Importing this module connects to nothing and reads no environment variable: the
 configuration is built from :meth:`Settings.from_env` the first time Celery needs it, so an
@@ -32,10 +33,13 @@ from typing import Any
 
 from celery import Celery, signals
 
+from polyv_sms import routing
+from polyv_sms.accounts import load_accounts, widest
 from polyv_sms.config import Settings
 from polyv_sms.errors import ConfigError
+from polyv_sms.lanes import WORKER_QUEUES
 
-__all__ = ["QUEUE", "TASK_NAME", "app", "celery_config"]
+__all__ = ["QUEUE", "TASK_NAME", "WORKER_QUEUES", "app", "celery_config"]
 
 log = logging.getLogger("polyv_sms.worker")
 
@@ -54,12 +58,16 @@ PUBLISH_RETRY_POLICY = {
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``."""
+    settings = widest(settings)  # a message of any account fits (issue 12)
     visibility = {"visibility_timeout": int(settings.visibility_timeout_s)}
     broker_options: dict[str, Any] = dict(visibility)
     if settings.broker_url.startswith(("redis", "rediss", "sentinel")):
         # Sweep for messages of dead workers often enough to honour a short visibility timeout.
         sweep = max(1, min(10, int(settings.visibility_timeout_s // 10)))
         broker_options |= {"unacked_restore_interval": sweep, "unacked_restore_throttle": 1}
+        # Lanes (issue 12): BRPOP the consumed queues in the order given (-Q sms.urgent,sms,
+        # sms.bulk), not round-robin, so that urgent work is always taken first.
+        broker_options["queue_order_strategy"] = "priority"
     time_limit = settings.task_time_limit_s
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
@@ -90,6 +98,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_hijack_root_logger": True,
         "polyv_sms_account_daily_limit": settings.account_daily_limit,
+        # Accounts (issue 12): names and appIds the producer checks and stamps; no secret.
+        **routing.producer_accounts(settings),
     }
     if settings.result_backend is not None:
         # Left out otherwise: Celery then runs without a result backend (it has no amqp:// one).
@@ -106,7 +116,8 @@ def _refuse_without_credentials(**_: Any) -> None:
     """Stop a worker that could not send: no credentials, or no Redis for the ledger."""
     try:
         settings = Settings.from_env()
-        settings.require_credentials()
+        if not load_accounts(settings):  # an accounts file may stand in for POLYV_APP_ID
+            settings.require_credentials()
         settings.require_redis_url()
     except ConfigError as exc:
         sys.stderr.write(f"polyv-sms worker: {exc}\n")
@@ -128,5 +139,9 @@ def _record_threads(sender: Any = None, **_: Any) -> None:
 def _redact_logs(logger: logging.Logger, **_: Any) -> None:
     from polyv_sms import logs  # noqa: PLC0415 - only workers need it
 
-    secret = Settings.from_env().app_secret
-    logs.install(logger, (secret.reveal(),) if secret else ())
+    settings = Settings.from_env()
+    try:
+        secrets = [account.app_secret.reveal() for account in load_accounts(settings).values()]
+    except ConfigError:  # the worker refuses to start with a message of its own
+        secrets = [settings.app_secret.reveal()] if settings.app_secret else []
+    logs.install(logger, tuple(secrets))

@@ -72,4 +72,12 @@ def test_demo_runs_everything_in_process_and_exits_0(tmp_path) -> None:
     assert re.search(r"\d{18}\^0\s+13800138002\s+demo-retry", out)
     assert re.search(r"demo-failing\s+13800138004\s+Polyv status 11", out)
     assert "UNEXPECTED" not in out
-    assert out.count("\n  ok  ") == 4
+    assert out.count("\n  ok  ") == 5
+    # The lanes scenario: the login code went out while bulk messages were still queued.
+    lanes = out.split("\nLanes: ")[1]
+    waiting = re.search(
+        r"demo-urgent \(lane urgent\): accepted .* (\d+) bulk messages were still", lanes
+    )
+    assert waiting
+    assert int(waiting.group(1)) > 0
+    assert "ok  the urgent message overtook the bulk backlog" in lanes

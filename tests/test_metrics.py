@@ -44,12 +44,13 @@ def test_metrics_and_log_lines_follow_the_sends(start_worker, sim, account) -> N
     def value(name: str, **labels: str) -> float:
         return after.get((name, tuple(sorted(labels.items()))), 0.0)
 
-    assert value("polyv_sms_outcomes_total", outcome="accepted") == 2
-    assert value("polyv_sms_outcomes_total", outcome="invalid") == 1
-    assert value("polyv_sms_outcomes_total", outcome="quota_exceeded") == 1
-    assert value("polyv_sms_outcomes_total", outcome="failed") == 0
+    lane = {"account": "default", "lane": "standard"}
+    assert value("polyv_sms_outcomes_total", outcome="accepted", **lane) == 2
+    assert value("polyv_sms_outcomes_total", outcome="invalid", **lane) == 1
+    assert value("polyv_sms_outcomes_total", outcome="quota_exceeded", **lane) == 1
+    assert value("polyv_sms_outcomes_total", outcome="failed", **lane) == 0
     assert value("polyv_sms_retries_total", reason="status_11") == 1
-    assert value("polyv_sms_quota_refusals_total", kind="quota_exceeded") == 1
+    assert value("polyv_sms_quota_refusals_total", kind="quota_exceeded", **lane) == 1
     assert value("polyv_sms_task_retries_total", reason="pending") == 1
     # Three Polyv requests, each answered, one number each; the refusal never reached Polyv.
     assert value("polyv_sms_polyv_request_seconds_count", result="answered") == 3

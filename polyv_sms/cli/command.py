@@ -19,6 +19,7 @@ import click
 import redis
 
 from polyv_sms import __version__
+from polyv_sms.cli import accounts as cli_accounts
 from polyv_sms.cli import formatting as fmt
 from polyv_sms.cli.inputs import check_day, check_number, in_cli_words, template_params
 from polyv_sms.cli.run import (
@@ -88,11 +89,22 @@ def _require_results(settings: Settings) -> None:
         )
 
 
-def _receipts() -> Receipts:
-    """Read-only access to the ledger; needs ``POLYV_APP_ID`` but never the secret."""
+def account_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--account NAME`` (``default``: POLYV_APP_ID; others: SMS_ACCOUNTS_FILE)."""
+    return click.option(
+        "--account",
+        default="default",
+        show_default=True,
+        help="The account (default: POLYV_APP_ID; others are named in SMS_ACCOUNTS_FILE).",
+    )(function)
+
+
+def _receipts(account: str = "default") -> Receipts:
+    """Read-only access to one account's ledger; needs its appId but never the secret."""
+    from polyv_sms.accounts import account_settings  # noqa: PLC0415
     from polyv_sms.ledger import build_ledger  # noqa: PLC0415 - keeps --help fast
 
-    settings = _settings()
+    settings = account_settings(_settings(), account)
     if not settings.app_id:
         raise ConfigError("POLYV_APP_ID must be set: the ledger keeps each account apart")
     settings = replace(settings, redis_outage_s=min(settings.redis_outage_s, CLI_REDIS_OUTAGE_S))
@@ -122,6 +134,14 @@ def main() -> None:
     "order.",
 )
 @click.option("--message-id", help="Idempotency key (default: the task id).")
+@account_option
+@click.option(
+    "--lane",
+    type=click.Choice(["urgent", "standard", "bulk"]),
+    default="standard",
+    show_default=True,
+    help="urgent (login codes) is taken first; bulk stops SMS_BULK_HEADROOM short of the limit.",
+)
 @click.option(
     "--wait",
     is_flag=True,
@@ -140,6 +160,8 @@ def send(
     numbers: tuple[str, ...],
     params: tuple[str, ...],
     message_id: str | None,
+    account: str,
+    lane: str,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -156,7 +178,11 @@ def send(
         _require_results(settings)
     from polyv_sms.tasks import send_sms  # noqa: PLC0415
 
-    pending = publish(lambda: send_sms.delay(list(numbers), names, values, message_id=message_id))
+    pending = publish(
+        lambda: send_sms.delay(
+            list(numbers), names, values, message_id=message_id, account=account, lane=lane
+        )
+    )
     key = message_id or pending.id
     if not wait:
         queued = {"message_id": key, "task_id": pending.id, "state": "enqueued"}
@@ -169,10 +195,11 @@ def send(
 
 @main.command()
 @click.argument("message_id")
+@account_option
 @json_option
-def status(message_id: str, as_json: bool) -> None:
+def status(message_id: str, account: str, as_json: bool) -> None:
     """A message's per-number outcomes, attempts and serialNos."""
-    message = _receipts().message(message_id)
+    message = _receipts(account).message(message_id)
     if message is None:
         raise CliError(
             f"no message {message_id!r} in the ledger of this account (POLYV_APP_ID); records "
@@ -183,10 +210,11 @@ def status(message_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("serial_no")
+@account_option
 @json_option
-def receipt(serial_no: str, as_json: bool) -> None:
+def receipt(serial_no: str, account: str, as_json: bool) -> None:
     """One receipt: number, message and when Polyv accepted it."""
-    found = _receipts().receipt(serial_no)
+    found = _receipts(account).receipt(serial_no)
     if found is None:
         raise CliError(f"no receipt {serial_no!r} in the ledger of this account (POLYV_APP_ID)")
     _emit(found, as_json, fmt.render_receipt)
@@ -201,10 +229,11 @@ def receipt(serial_no: str, as_json: bool) -> None:
     show_default=True,
     help="Show at most this many receipts.",
 )
+@account_option
 @json_option
-def phone(number: str, limit: int, as_json: bool) -> None:
+def phone(number: str, limit: int, account: str, as_json: bool) -> None:
     """A number's latest receipts and today's count against its daily limit."""
-    _emit(_receipts().phone(number, limit), as_json, fmt.render_phone)
+    _emit(_receipts(account).phone(number, limit), as_json, fmt.render_phone)
 
 
 @main.command()
@@ -218,10 +247,11 @@ def phone(number: str, limit: int, as_json: bool) -> None:
     show_default=True,
     help="Show this many of the busiest numbers.",
 )
+@account_option
 @json_option
-def quota(day: str | None, top: int, as_json: bool) -> None:
+def quota(day: str | None, top: int, account: str, as_json: bool) -> None:
     """The account's use of the day against its limit, and the busiest numbers."""
-    _emit(_receipts().quota(day, top), as_json, fmt.render_quota)
+    _emit(_receipts(account).quota(day, top), as_json, fmt.render_quota)
 
 
 @main.command()
@@ -250,12 +280,21 @@ def quota(day: str | None, top: int, as_json: bool) -> None:
     show_default=True,
     help="Seconds --wait waits.",
 )
+@account_option
 @json_option
-def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+def dead(
+    *,
+    limit: int,
+    requeue_id: str | None,
+    wait: bool,
+    timeout: float,
+    account: str,
+    as_json: bool,
+) -> None:
     """Messages with numbers that ended failed; --requeue sends one again."""
     if requeue_id is not None and wait:
         _require_results(_settings())
-    receipts = _receipts()
+    receipts = _receipts(account)
     if requeue_id is None:
         _emit(receipts.dead(limit), as_json, fmt.render_dead)
         return
@@ -278,7 +317,12 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
         f"; its failed numbers were reset: send it again with polyv-sms send ... "
         f"--message-id {requeue_id} (accepted numbers are skipped)"
     )
-    requeue = lambda: send_sms.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()))  # noqa: E731
+    from polyv_sms.routing import APP_ID_HEADER  # noqa: PLC0415
+
+    # The appId header: a worker whose account of that name is another appId refuses it.
+    requeue = lambda: send_sms.apply_async(  # noqa: E731
+        kwargs=kwargs, task_id=str(uuid.uuid4()), headers={APP_ID_HEADER: ledger.app_id}
+    )
     pending = publish(requeue, hint)
     if not wait:
         queued = {"message_id": requeue_id, "task_id": pending.id, "requeued": again}
@@ -290,13 +334,14 @@ def dead(*, limit: int, requeue_id: str | None, wait: bool, timeout: float, as_j
 
 
 @main.command()
+@account_option
 @json_option
-def reconcile(as_json: bool) -> None:
+def reconcile(account: str, as_json: bool) -> None:
     """One reconciler sweep: enqueue again messages whose retry never ran."""
     from polyv_sms.ledger.reconcile import Reconciler  # noqa: PLC0415
     from polyv_sms.tasks import enqueue_again  # noqa: PLC0415
 
-    ledger = _receipts().ledger
+    ledger = _receipts(account).ledger
     if ledger.call(ledger.redis.exists, ledger.keys.reconcile_lock):
         report: dict[str, Any] = {"skipped": "a worker's reconciler is sweeping right now"}
     else:
@@ -314,3 +359,6 @@ def reconcile(as_json: bool) -> None:
 
 for _command in RUNNING_COMMANDS:
     main.add_command(_command)
+# Accounts and the shared pause, defined in their own module.
+main.add_command(cli_accounts.accounts)
+main.add_command(cli_accounts.pause)

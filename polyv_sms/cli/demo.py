@@ -216,6 +216,50 @@ def _report(echo: Echo, results: dict[str, Any], receipts: Receipts) -> bool:
     return all_ok
 
 
+#: The lanes scenario: a campaign of this many bulk messages is queued, then one login code.
+LANE_BULK_MESSAGES = 60
+LANE_LATENCY_S = 0.1
+URGENT = "13800138009"
+
+
+def _overtake(echo: Echo, simulator: Any, keep: list[Any]) -> bool:
+    """An urgent message enqueued behind a bulk backlog is sent before it. True when it was."""
+    from polyv_sms.tasks import send_sms  # noqa: PLC0415
+
+    echo(
+        f"\nLanes: {LANE_BULK_MESSAGES} bulk messages queued (a campaign; Polyv answers in "
+        f"{LANE_LATENCY_S * 1000:.0f} ms), then one urgent login code"
+    )
+    simulator.set_faults(latency_s=LANE_LATENCY_S)
+    since = time.time()
+    bulk = [
+        send_sms.delay(
+            [f"1390000{i:04d}"], ["code"], ["1"], message_id=f"demo-bulk-{i}", lane="bulk"
+        )
+        for i in range(LANE_BULK_MESSAGES)
+    ]
+    keep += bulk
+    enqueued = time.perf_counter()
+    urgent = send_sms.delay([URGENT], ["code"], ["4711"], message_id="demo-urgent", lane="urgent")
+    keep.append(urgent)
+    result = urgent.get(timeout=DEMO_DEADLINE_S)
+    took = time.perf_counter() - enqueued
+    waiting = sum(1 for b in bulk if not b.ready())
+    order = [r["numbers"][0] for r in simulator.requests(since)]
+    before = order.index(URGENT) if URGENT in order else len(order)
+    echo(
+        f"  demo-urgent (lane urgent): {result['results'][0]['outcome']} {took:.2f}s after it was "
+        f"enqueued, as Polyv request {before + 1}; {waiting} bulk messages were still waiting"
+    )
+    for item in bulk:
+        item.get(timeout=DEMO_DEADLINE_S)
+    echo("  the bulk messages still waiting were sent after it")
+    simulator.set_faults(latency_s=0.0)
+    ok = result["counts"]["accepted"] == 1 and waiting > 0
+    echo(f"  {'ok' if ok else 'UNEXPECTED'}  the urgent message overtook the bulk backlog")
+    return ok
+
+
 def _use_environment(env: dict[str, str]) -> None:
     """Replace every SMS_*/POLYV_* variable of this process with the demo's own."""
     for name in [n for n in os.environ if n.startswith(("SMS_", "POLYV_")) or n == "TEST_BROKER"]:
@@ -264,7 +308,7 @@ def run(echo: Echo = print) -> int:
         return 2
     from polyv_sms.polyv.simulator import PolyvSimulator  # noqa: PLC0415
     from polyv_sms.runtime import get_runtime, set_runtime  # noqa: PLC0415
-    from polyv_sms.worker import QUEUE, app  # noqa: PLC0415
+    from polyv_sms.worker import QUEUE, WORKER_QUEUES, app  # noqa: PLC0415
 
     if app.configured:
         raise RuntimeError("run the demo in a fresh process: the Celery app is configured")
@@ -290,7 +334,7 @@ def run(echo: Echo = print) -> int:
             app,
             pool="threads",
             concurrency=DEMO_CONCURRENCY,
-            queues=[QUEUE],
+            queues=list(WORKER_QUEUES),  # the lanes, urgent first
             perform_ping_check=False,
             loglevel="WARNING",
             shutdown_timeout=15,
@@ -304,6 +348,9 @@ def run(echo: Echo = print) -> int:
             echo(f"\npolyv-sms demo: {exc}")
             return 1
         ok = _report(echo, results, Receipts(runtime.ledger))
+        keep: list[Any] = []
+        ok = _overtake(echo, sim, keep) and ok
+        keep.clear()
         # An AsyncResult unsubscribes from its result channel when it is collected: let that
         # happen while the stand-in still answers, not at exit (Celery would retry for 20 s).
         pending.clear()

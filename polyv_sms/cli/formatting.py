@@ -80,6 +80,11 @@ def render_result(result: Mapping[str, Any]) -> str:
     ]
     headers = ("NUMBER", "OUTCOME", "STATUS", "ATTEMPTS", "SERIAL NO", "ERROR")
     summary = f"message {result['message_id']}: {_counts(result['counts'])}"
+    if (
+        result.get("account", "default") != "default"
+        or result.get("lane", "standard") != "standard"
+    ):
+        summary += f" (account {result.get('account', 'default')}, lane {result.get('lane')})"
     return f"{summary}\n{table(headers, rows)}"
 
 

@@ -169,4 +169,9 @@ def requeue_kwargs(message_id: str, record: Mapping[str, str], failed: set[str])
         "template_param_names": holding[-1]["template_param_names"],
         "template_param_values": holding[-1]["template_param_values"],
         "message_id": message_id,
+    } | {
+        # The account and lane it was enqueued with: never another account's.
+        key: holding[-1][key]
+        for key, default in (("account", "default"), ("lane", "standard"))
+        if holding[-1].get(key, default) != default
     }

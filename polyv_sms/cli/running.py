@@ -53,24 +53,27 @@ def worker(
     loglevel: str,
     celery_args: tuple[str, ...],
 ) -> None:
-    """Run a worker: celery worker -Q sms -P threads with the recommended options.
+    """Run a worker: celery worker -Q sms.urgent,sms,sms.bulk -P threads, urgent first.
 
     Refuses to start without POLYV_APP_ID and POLYV_APP_SECRET. Extra arguments go to
     `celery worker` as they are.
     """
     settings = Settings.from_env()
-    settings.require_credentials()
+    from polyv_sms.accounts import load_accounts  # noqa: PLC0415
+
+    if not load_accounts(settings):  # an accounts file may stand in for POLYV_APP_ID
+        settings.require_credentials()
     if process_index is not None:
         os.environ["SMS_WORKER_INDEX"] = str(process_index)
     index = os.environ.get("SMS_WORKER_INDEX", "").strip()
     from celery.bin.celery import celery as celery_command  # noqa: PLC0415
 
-    from polyv_sms.worker import QUEUE  # noqa: PLC0415
+    from polyv_sms.worker import WORKER_QUEUES  # noqa: PLC0415
 
     argv = [
         "--app=polyv_sms.worker",
         "worker",
-        f"--queues={QUEUE}",
+        f"--queues={','.join(WORKER_QUEUES)}",  # the lanes, urgent first
         "--pool=threads",
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--hostname={hostname or (f'polyv-sms-{index}@%h' if index else 'polyv-sms@%h')}",

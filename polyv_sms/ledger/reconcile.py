@@ -136,6 +136,11 @@ class Reconciler:
                 "template_param_values": request["template_param_values"],
                 "message_id": message_id,
             }
+            # The account and lane it was enqueued with (stored only when not the defaults,
+            # like the task's own keywords): never another account.
+            for key, default in (("account", "default"), ("lane", "standard")):
+                if request.get(key, default) != default:
+                    kwargs[key] = request[key]
             self.enqueue(message_id, str(request["task_id"]), kwargs)
             metrics.RECONCILED.inc()
             log.warning(

@@ -234,6 +234,7 @@ class Ledger:
         *,
         token: str,
         meta: Mapping[str, object] | None = None,
+        account_limit: int | None = None,
     ) -> Reservation:
         """Take a quota unit for each new number and grant this attempt to reserved ones.
 
@@ -245,6 +246,9 @@ class Ledger:
             token: this run's lease token.
             meta: the request (with its ``task_id``), stored once per task, for the reconciler
                 and ``dead --requeue``.
+            account_limit: the account's daily count new numbers may take it up to (its
+                lane's limit: less than the account's limit for bulk); the account's limit
+                when ``None``.
 
         Returns:
             The decision for each number, in order.
@@ -259,7 +263,7 @@ class Ledger:
             self.day_expireat(day),
             self.ttl_s,
             self.phone_daily_limit,
-            self.account_daily_limit,
+            self.account_daily_limit if account_limit is None else account_limit,
             self.max_attempts,
             token,
             int(self.lease_s * 1000),

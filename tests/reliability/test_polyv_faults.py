@@ -87,6 +87,10 @@ def test_every_message_ends_final_under_polyv_faults(
             SMS_RETRY_BACKOFF_MAX=BACKOFF_MAX_S,
             SMS_RETRY_AMBIGUOUS=str(retry_ambiguous).lower(),
             SMS_METRICS_PORT=port,
+            # The retry gaps below are the backoff's; the shared rate guard (100 requests/s by
+            # default) would add its own queueing to them with 80 messages released at once.
+            # tests/test_accounts_lanes.py and tests/test_ratelimit.py test the guard.
+            SMS_POLYV_RATE=10_000,
         )
     sim.set_faults(**FAULTS)
     numbers = [phone(100 + i) for i in range(MESSAGES)]

@@ -14,7 +14,9 @@ ARGV[2]  day (YYYYMMDD in SMS_TIMEZONE) of KEYS[2]
 ARGV[3]  EXPIREAT for KEYS[2] (end of that day + 1 day, unix seconds)
 ARGV[4]  TTL of the message record (seconds)
 ARGV[5]  per-number daily limit
-ARGV[6]  per-account daily limit
+ARGV[6]  per-account daily limit for this message's lane: SMS_ACCOUNT_DAILY_LIMIT, less
+         SMS_BULK_HEADROOM for bulk messages (compared with the account's count of the day,
+         whatever lane took the units)
 ARGV[7]  max attempts per number
 ARGV[8]  lease token of this run
 ARGV[9]  lease length (ms)

@@ -72,4 +72,6 @@ class Tally:
     accepted: Counter[str] = field(default_factory=Counter)
     received: Counter[str] = field(default_factory=Counter)
     day: date | None = None
-    today: Counter[str | None] = field(default_factory=Counter)  # accepted; None: account
+    today: Counter[str | tuple[str, None]] = field(
+        default_factory=Counter
+    )  # (appId, None): account

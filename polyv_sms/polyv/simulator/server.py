@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields, replace
 from datetime import datetime
 from itertools import accumulate
@@ -112,6 +112,8 @@ class PolyvSimulator:
         timestamp_window_s: how far the ``timestamp`` parameter may be from the clock.
         clock: seconds since the epoch; tests inject their own.
         faults: faults to inject from the start.
+        other_accounts: further ``{appId: secret}`` it knows (several accounts behind one
+            endpoint, like Polyv); each has its own account total, numbers count across all.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class PolyvSimulator:
         timestamp_window_s: float = 180.0,
         clock: Callable[[], float] = time.time,
         faults: Faults | None = None,
+        other_accounts: Mapping[str, str] | None = None,
     ) -> None:
         if not app_id or not app_secret:
             raise ValueError("app_id and app_secret must not be empty")
@@ -137,6 +140,7 @@ class PolyvSimulator:
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"timezone: unknown time zone {timezone!r}") from exc
         self._app_id, self._app_secret, self._host, self._port = app_id, app_secret, host, port
+        self._secrets = {**(other_accounts or {}), app_id: app_secret}
         self._phone_limit, self._account_limit = phone_daily_limit, account_daily_limit
         self._window_s, self._clock = timestamp_window_s, clock
         self._faults = replace(faults) if faults is not None else Faults()
@@ -356,7 +360,7 @@ class PolyvSimulator:
             logger.debug("send %s refused: %s %s", request_id, code, desc)
             return error(status, code, desc, request_id, delay_s)
         with self._lock:
-            record["results"] = results = self._process(checked)
+            record["results"] = results = self._process(checked, params["appId"])
         self._record(record)
         if logger.isEnabledFor(logging.DEBUG):
             shown = ", ".join(f"{_mask(r['phoneNumber'])}:{r['status']}" for r in results)
@@ -383,7 +387,8 @@ class PolyvSimulator:
         for name in ("appId", "timestamp", "sign"):
             if not params.get(name, "").strip():
                 return 400, 10002, f"missing parameter: {name}"
-        if params["appId"] != self._app_id:
+        secret = self._secrets.get(params["appId"])
+        if secret is None:
             return 400, 20001, "application not found."
         timestamp = params["timestamp"]
         if len(timestamp) != 13 or not (timestamp.isascii() and timestamp.isdigit()):
@@ -392,7 +397,7 @@ class PolyvSimulator:
             return 400, 20003, "timestamp expired."
         method = params.get("signatureMethod") or "MD5"
         signed = {name: value for name, value in params.items() if name != "sign"}
-        expected = sign(signed, self._app_secret, method) if method.upper() in SIGN_METHODS else ""
+        expected = sign(signed, secret, method) if method.upper() in SIGN_METHODS else ""
         if not hmac.compare_digest(expected.encode(), params["sign"].encode()):
             return 403, 20002, "invalid signature."
         if not content_type.lower().startswith("application/json"):
@@ -411,7 +416,7 @@ class PolyvSimulator:
                 return numbers
         return 400, 10001, f"参数校验失败: {problem}"
 
-    def _process(self, items: list[Any]) -> list[dict[str, Any]]:
+    def _process(self, items: list[Any], app_id: str) -> list[dict[str, Any]]:
         """Answer every number and move the counters (call with the lock held)."""
         tally = self._tally
         day = datetime.fromtimestamp(self._clock(), self._tz).date()
@@ -424,7 +429,7 @@ class PolyvSimulator:
             number, serial_no = _as_text(item), None
             if not _PHONE.fullmatch(number) or number in invalid:  # also floats, null, objects
                 status = -2
-            elif today[number] >= phone_limit or today[None] >= account_limit:
+            elif today[number] >= phone_limit or today[app_id, None] >= account_limit:
                 status = -1
             elif tally.fail_remaining.get(number, 0) > 0:
                 tally.fail_remaining[number] -= 1
@@ -434,7 +439,7 @@ class PolyvSimulator:
             else:
                 status, serial_no = 12, self._next_serial_no()
                 today[number] += 1
-                today[None] += 1
+                today[app_id, None] += 1
                 tally.accepted[number] += 1
             tally.received[number] += 1
             tally.by_status[status] += 1
