@@ -526,10 +526,10 @@ def test_a_tls_error_after_the_request_before_the_headers_is_ambiguous(tmp_path:
 def test_a_pool_closed_before_sending_is_unavailable_not_ambiguous() -> None:
     with CannedServer(200, OK_BODY) as server, requests.Session() as session:
         polyv = PolyvClient("a", "s", server.url, session=session, connect_attempts=1)
-        verify = session.merge_environment_settings(server.url, {}, None, None, None)["verify"]
-        probe = requests.Request("POST", server.url).prepare()
-        pool = session.get_adapter(server.url).get_connection_with_tls_context(probe, verify)
-        pool.close()  # the pool the client sends on, closed before the request
+        verify = session.merge_environment_settings(polyv.url, {}, None, None, None)["verify"]
+        probe = requests.Request("POST", polyv.url).prepare()
+        pool = session.get_adapter(polyv.url).get_connection_with_tls_context(probe, verify)
+        pool.close()  # the pool the client sends on (as when close() races a send)
         with pytest.raises(PolyvUnavailable, match="could not connect"):
             polyv.send([NUMBER], ["code"], ["1"])
     assert server.requests == []
