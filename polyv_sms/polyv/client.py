@@ -245,6 +245,10 @@ class PolyvClient:
                 failure = self._transport_error(exc, exchange, answered=answered)
                 if answered:
                     http.close()
+        if failure is None and exchange.expired and not isinstance(_json_body(http), dict):
+            # Cut off at the deadline where the end of the connection also ends the answer
+            # (headers, or a body without a length): what was read is not all of it.
+            failure = self._cut_off("answer ended by the cut")
         elapsed = time.perf_counter() - started
         if failure is not None:
             log.warning(
@@ -357,10 +361,7 @@ class PolyvClient:
                 return PolyvUnavailable(f"could not connect to {base} ({kind})")
             return PolyvUnavailable(f"request to {base} failed before it was sent ({kind})")
         if exchange.expired:
-            return AmbiguousSend(
-                f"the exchange with {base} outlasted its {self.deadline_s:g}s deadline and "
-                f"was cut off ({kind}); {maybe}"
-            )
+            return self._cut_off(kind)
         if answered:
             if _timed_out(exc):
                 return AmbiguousSend(
@@ -378,6 +379,12 @@ class PolyvClient:
             return AmbiguousSend(f"connection to {base} dropped before an answer ({kind}); {maybe}")
         return AmbiguousSend(
             f"request to {base} failed after it may have been sent ({kind}); {maybe}"
+        )
+
+    def _cut_off(self, kind: str) -> AmbiguousSend:
+        return AmbiguousSend(
+            f"the exchange with {self.base_url} outlasted its {self.deadline_s:g}s deadline and "
+            f"was cut off ({kind}); Polyv may have sent the SMS"
         )
 
     def _parse(self, http: requests.Response, elapsed: float) -> PolyvResponse:
