@@ -508,6 +508,47 @@ def test_a_session_with_another_transport_adapter_is_used_as_it_is() -> None:
     assert json.loads(request.body or b"")["phoneNumbers"] == [NUMBER]
 
 
+class _FailingAdapter(requests.adapters.BaseAdapter):
+    """A foreign transport that fails with a given requests error."""
+
+    def __init__(self, error: requests.exceptions.RequestException) -> None:
+        super().__init__()
+        self.error = error
+        self.calls = 0
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: object
+    ) -> requests.Response:
+        self.calls += 1
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "calls"),
+    [
+        (requests.exceptions.ConnectTimeout(), PolyvUnavailable, 3),
+        (requests.exceptions.ProxyError(), PolyvUnavailable, 3),
+        # A refused connection and a dropped one are the same requests type: a transport the
+        # client cannot watch leaves it unable to tell, so it takes the safe side.
+        (requests.exceptions.ConnectionError(), AmbiguousSend, 1),
+        (requests.exceptions.SSLError(), AmbiguousSend, 1),
+    ],
+)
+def test_a_transport_the_client_cannot_watch_is_classified_by_requests_types_only(
+    error: requests.exceptions.RequestException, expected: type[Exception], calls: int
+) -> None:
+    adapter = _FailingAdapter(error)
+    with requests.Session() as session:
+        session.mount("https://", adapter)
+        with pytest.raises(expected) as caught:
+            PolyvClient("a", "s", session=session).send([NUMBER], ["code"], ["1"])
+    assert type(caught.value) is expected
+    assert adapter.calls == calls  # only what was provably never sent is retried in place
+
+
 def test_a_tls_error_after_the_request_before_the_headers_is_ambiguous(tmp_path: Path) -> None:
     # The handshake worked and the request went out: Polyv may have sent the SMS, so this must
     # not be taken for a failed handshake (which is retried as "never sent").

@@ -60,6 +60,7 @@ from polyv_sms.errors import (
     RateLimited,
     UnexpectedResponse,
 )
+from polyv_sms.polyv.answer import json_body, parse_answer
 from polyv_sms.polyv.phones import mask
 from polyv_sms.polyv.response import (
     KNOWN_STATUSES,
@@ -89,13 +90,11 @@ log = logging.getLogger("polyv_sms.polyv.client")
 
 DEFAULT_CONNECT_ATTEMPTS = 3
 DEFAULT_POOL_MAXSIZE = 32
-_RATE_LIMIT_MARKERS = ("qps", "exceeds number of calls", "rate limit", "too many requests")
 _LOGGED_NUMBERS = 5
 _FIRST_CONNECT_RETRY_S = 0.1
 _MAX_CONNECT_RETRY_WAIT_S = 0.5
 #: A connect attempt is not started with less time than this left before the deadline.
 _MIN_ATTEMPT_S = 0.05
-_SHOWN_MALFORMED = 3
 _JSON_HEADERS = {"Content-Type": "application/json"}
 #: What a transport the client cannot watch still says for certain: nothing was sent.
 _NEVER_SENT = (requests.exceptions.ConnectTimeout, requests.exceptions.ProxyError)
@@ -166,7 +165,6 @@ class PolyvClient:
                 pool_connections=1, pool_maxsize=pool_maxsize, max_retries=adapter.max_retries
             )
             session.mount(self.url, watched)  # the send URL only: the rest stays the caller's
-        self._watched = isinstance(session.get_adapter(self.url), DeadlineAdapter)
         self._session = session
         self._connect_attempts = connect_attempts
         self._connect_retry_budget_s = connect_retry_budget_s
@@ -245,7 +243,7 @@ class PolyvClient:
                 failure = self._transport_error(exc, exchange, answered=answered)
                 if answered:
                     http.close()
-        if failure is None and exchange.expired and not isinstance(_json_body(http), dict):
+        if failure is None and exchange.expired and not isinstance(json_body(http), dict):
             # Cut off at the deadline where the end of the connection also ends the answer
             # (headers, or a body without a length): what was read is not all of it.
             failure = self._cut_off("answer ended by the cut")
@@ -262,7 +260,7 @@ class PolyvClient:
             # URL) must not ride along as __context__ into error trackers or task results.
             raise failure
         try:
-            response = self._parse(http, elapsed)
+            response = parse_answer(http, elapsed)
         except (PermanentError, PolyvUnavailable, RateLimited, UnexpectedResponse) as exc:
             log.warning(
                 "polyv send refused http=%d numbers=%d [%s] elapsed_ms=%.0f error=%s",
@@ -321,7 +319,8 @@ class PolyvClient:
         )
 
     def _never_sent(self, exc: requests.exceptions.RequestException, exchange: Exchange) -> bool:
-        if self._watched:
+        # Looked up when needed (on failures only): the session may have been re-mounted.
+        if isinstance(self._session.get_adapter(self.url), DeadlineAdapter):
             return not exchange.sent
         return isinstance(exc, _NEVER_SENT)
 
@@ -387,80 +386,6 @@ class PolyvClient:
             f"was cut off ({kind}); Polyv may have sent the SMS"
         )
 
-    def _parse(self, http: requests.Response, elapsed: float) -> PolyvResponse:
-        status = http.status_code
-        body = _json_body(http)
-        if not isinstance(body, dict):
-            kind = http.headers.get("Content-Type") or "no content type"
-            if status >= 500:
-                raise PolyvUnavailable(f"Polyv answered HTTP {status} ({kind})")
-            raise UnexpectedResponse(
-                f"Polyv answered HTTP {status} with a body that is not a JSON object "
-                f"({kind}, {len(http.content)} bytes)"
-            )
-        request_id = str(body.get("requestId") or "")
-        if status != 200 or body.get("code") != 200 or body.get("success") is False:
-            raise _envelope_error(status, body, request_id)
-        data = body.get("data")
-        if not isinstance(data, list):
-            raise UnexpectedResponse(f"Polyv's answer has no data list (requestId {request_id})")
-        # Each entry on its own: one malformed entry must not throw away the others (a
-        # status-12 entry lost here would be sent again). The numbers of malformed entries
-        # are missing from the results, which the dispatcher treats as ambiguous.
-        results = []
-        unknown = set()
-        malformed = []
-        for index, entry in enumerate(data):
-            result = _parse_entry(entry)
-            if isinstance(result, str):
-                malformed.append(f"entry {index} {result}")
-                continue
-            results.append(result)
-            if result.status not in KNOWN_STATUSES:
-                unknown.add(result.status)
-        response = PolyvResponse(request_id, tuple(results), elapsed)
-        if unknown or malformed:
-            problems = []
-            if unknown:
-                problems.append(f"unknown per-number status(es) {sorted(unknown)}")
-            if malformed:
-                shown = "; ".join(malformed[:_SHOWN_MALFORMED])
-                more = len(malformed) - _SHOWN_MALFORMED
-                shown += f"; +{more} more" if more > 0 else ""
-                problems.append(f"{len(malformed)} malformed data entr(y/ies) ({shown})")
-            raise UnexpectedResponse(
-                f"Polyv answered {' and '.join(problems)} (requestId {request_id})",
-                response=response,
-            )
-        return response
-
-
-def _parse_entry(entry: object) -> PhoneResult | str:
-    """One per-number entry, or what is wrong with it (never quoting the entry: PII)."""
-    if not isinstance(entry, dict):
-        return "is not an object"
-    number = entry.get("phoneNumber")
-    status = entry.get("status")
-    serial = entry.get("serialNo")
-    if isinstance(number, int) and not isinstance(number, bool):
-        number = str(number)
-    if not isinstance(number, str):
-        return "lacks a phoneNumber"
-    if not isinstance(status, int) or isinstance(status, bool):
-        return "lacks an integer status"
-    if serial is not None and not isinstance(serial, str):
-        return "has a serialNo that is not a string"
-    return PhoneResult(number, status, serial or None)
-
-
-def _json_body(http: requests.Response) -> Any:
-    """The answer's JSON, decoded as requests does (the charset the Content-Type declares,
-    else UTF-8 for JSON); ``None`` when it is not JSON."""
-    try:
-        return http.json()
-    except ValueError:  # not JSON, or not text in that charset
-        return None
-
 
 def _timed_out(exc: BaseException) -> bool:
     """A socket wait ran out of time under this error: requests reports a body read's timeout
@@ -473,28 +398,6 @@ def _timed_out(exc: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-def _envelope_error(status: int, body: dict[str, Any], request_id: str) -> Exception:
-    raw_error = body.get("error")
-    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
-    code = error.get("code")
-    code = code if isinstance(code, int) and not isinstance(code, bool) else None
-    desc = str(error.get("desc") or body.get("message") or "").strip()
-    where = f"HTTP {status}, requestId {request_id or '-'}"
-    if status == 429 or any(marker in desc.lower() for marker in _RATE_LIMIT_MARKERS):
-        return RateLimited(f"Polyv rate limiting: {desc or 'too many requests'} ({where})")
-    if status >= 500:
-        return PolyvUnavailable(f"Polyv answered HTTP {status}: {desc or 'server error'}")
-    if code is None and not desc:
-        return UnexpectedResponse(f"Polyv answered an error without code or desc ({where})")
-    return PermanentError(
-        f"Polyv refused the request: error {code}: {desc} ({where})",
-        code=code,
-        desc=desc,
-        request_id=request_id or None,
-        http_status=status,
-    )
 
 
 def _masked(numbers: Sequence[str]) -> str:
