@@ -108,6 +108,7 @@ class _Watchdog:
         self._heap: list[tuple[float, int, Exchange]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wake_at = float("inf")  # when the thread will look next, on its own
 
     def watch(self, exchange: Exchange) -> None:
         with self.lock:
@@ -120,7 +121,7 @@ class _Watchdog:
                     target=self._run, name="polyv-deadline", daemon=True
                 )
                 self._thread.start()
-            elif heap[0][2] is exchange:
+            elif exchange.deadline < self._wake_at:  # rare: deadlines come in order
                 self.lock.notify()
 
     def _run(self) -> None:
@@ -132,7 +133,8 @@ class _Watchdog:
                     _, _, exchange = heapq.heappop(heap)
                     if exchange._expire():  # still open: look again until it ends
                         heapq.heappush(heap, (now + _RECHECK_S, next(self._order), exchange))
-                self.lock.wait(heap[0][0] - now if heap else None)
+                self._wake_at = heap[0][0] if heap else float("inf")
+                self.lock.wait(self._wake_at - now if heap else None)
 
 
 _watchdog = _Watchdog()
