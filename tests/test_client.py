@@ -850,3 +850,32 @@ def test_no_thread_or_connection_is_left_behind_by_cut_off_sends() -> None:
     gc.collect()
     assert set(threading.enumerate()) <= threads_before
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_the_deadline_holds_in_a_forked_child() -> None:
+    # Celery's prefork pool forks workers: the watchdog thread of the parent does not exist in
+    # the child, which must make its own.
+    gone = threading.Event()
+
+    def trickle(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        _trickle(conn, server, _head(len(OK_BODY)) + b" " * 1000, gone)
+
+    with PolyvClient("a", "s", f"http://127.0.0.1:{free_port()}", connect_attempts=1) as warm:
+        _send_timed(warm)  # the parent's watchdog thread is running
+    with RawServer(trickle) as server:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report (elapsed, error type) and leave at once
+            try:
+                with PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
+                    elapsed, error = _send_timed(polyv)
+                os.write(write_end, json.dumps([elapsed, type(error).__name__]).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            elapsed, kind = json.loads(reader.read() or b"[null, null]")
+        os.waitpid(pid, 0)
+    assert kind == "AmbiguousSend"
+    assert elapsed <= DEADLINE_S + MARGIN_S

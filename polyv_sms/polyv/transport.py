@@ -77,6 +77,7 @@ class Exchange:
         _local.exchange = None
         with _watchdog.lock:
             self.done = True
+            self.conn = None  # the watchdog's heap keeps the exchange a while: not the conn
 
     def _expire(self) -> bool:
         """Shut the connection down (the watchdog's lock is held); False once it has ended."""
