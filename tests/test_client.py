@@ -31,6 +31,7 @@ from polyv_sms.errors import (
 from polyv_sms.polyv.client import PolyvClient
 from polyv_sms.polyv.signing import sign
 from polyv_sms.polyv.simulator import PolyvSimulator
+from polyv_sms.polyv.transport import DeadlineAdapter, Exchange
 
 NUMBER = "17680476163"
 
@@ -879,3 +880,34 @@ def test_the_deadline_holds_in_a_forked_child() -> None:
         os.waitpid(pid, 0)
     assert kind == "AmbiguousSend"
     assert elapsed <= DEADLINE_S + MARGIN_S
+
+
+def test_a_deadline_never_cuts_a_connection_another_exchange_has_taken_over() -> None:
+    # Exchange A's connection goes back to the pool when A's answer is read, before A ends;
+    # exchange B takes it over. A's deadline passing then must not break B's exchange.
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        served = 0
+        while read_http_request(conn):
+            served += 1
+            if served == 2:  # B's request: answered after A's deadline has passed
+                server.stopped.wait(1.5)
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY)
+
+    results: list[object] = []
+    with RawServer(answer) as server, requests.Session() as session:
+        session.mount("http://", DeadlineAdapter())
+        url = server.url + "/"
+
+        def exchange_b() -> None:
+            with Exchange(30) as b:
+                results.append(session.post(url, timeout=5).json())
+                results.append(b.expired)
+
+        with Exchange(0.5) as a:
+            assert session.post(url, timeout=5).json() == json.loads(OK_BODY)
+            other = threading.Thread(target=exchange_b)
+            other.start()
+            other.join(10)
+            assert a.expired  # A's deadline passed while B used the connection
+    assert results == [json.loads(OK_BODY), False]
+    assert server.connections == 1
