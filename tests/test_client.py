@@ -6,6 +6,7 @@ import gc
 import itertools
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -868,6 +869,7 @@ def test_the_deadline_holds_in_a_forked_child() -> None:
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report (elapsed, error type) and leave at once
+            signal.alarm(int(TRICKLE_FOR_S) + 10)  # a child stuck for good dies, reporting nothing
             try:
                 with PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
                     elapsed, error = _send_timed(polyv)
