@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -14,9 +18,11 @@ import pytest
 import requests
 from helpers import CannedServer, RawServer, free_port, read_http_request, self_signed_tls
 
+from polyv_sms.config import exchange_deadline_s
 from polyv_sms.errors import (
     AmbiguousSend,
     BatchTooLarge,
+    InvalidRequest,
     PermanentError,
     PolyvUnavailable,
     RateLimited,
@@ -26,6 +32,7 @@ from polyv_sms.errors import (
 from polyv_sms.polyv.client import PolyvClient
 from polyv_sms.polyv.signing import sign
 from polyv_sms.polyv.simulator import PolyvSimulator
+from polyv_sms.polyv.transport import DeadlineAdapter, Exchange
 
 NUMBER = "17680476163"
 
@@ -503,6 +510,47 @@ def test_a_session_with_another_transport_adapter_is_used_as_it_is() -> None:
     assert json.loads(request.body or b"")["phoneNumbers"] == [NUMBER]
 
 
+class _FailingAdapter(requests.adapters.BaseAdapter):
+    """A foreign transport that fails with a given requests error."""
+
+    def __init__(self, error: requests.exceptions.RequestException) -> None:
+        super().__init__()
+        self.error = error
+        self.calls = 0
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: object
+    ) -> requests.Response:
+        self.calls += 1
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "calls"),
+    [
+        (requests.exceptions.ConnectTimeout(), PolyvUnavailable, 3),
+        (requests.exceptions.ProxyError(), PolyvUnavailable, 3),
+        # A refused connection and a dropped one are the same requests type: a transport the
+        # client cannot watch leaves it unable to tell, so it takes the safe side.
+        (requests.exceptions.ConnectionError(), AmbiguousSend, 1),
+        (requests.exceptions.SSLError(), AmbiguousSend, 1),
+    ],
+)
+def test_a_transport_the_client_cannot_watch_is_classified_by_requests_types_only(
+    error: requests.exceptions.RequestException, expected: type[Exception], calls: int
+) -> None:
+    adapter = _FailingAdapter(error)
+    with requests.Session() as session:
+        session.mount("https://", adapter)
+        with pytest.raises(expected) as caught:
+            PolyvClient("a", "s", session=session).send([NUMBER], ["code"], ["1"])
+    assert type(caught.value) is expected
+    assert adapter.calls == calls  # only what was provably never sent is retried in place
+
+
 def test_a_tls_error_after_the_request_before_the_headers_is_ambiguous(tmp_path: Path) -> None:
     # The handshake worked and the request went out: Polyv may have sent the SMS, so this must
     # not be taken for a failed handshake (which is retried as "never sent").
@@ -526,10 +574,10 @@ def test_a_tls_error_after_the_request_before_the_headers_is_ambiguous(tmp_path:
 def test_a_pool_closed_before_sending_is_unavailable_not_ambiguous() -> None:
     with CannedServer(200, OK_BODY) as server, requests.Session() as session:
         polyv = PolyvClient("a", "s", server.url, session=session, connect_attempts=1)
-        verify = session.merge_environment_settings(server.url, {}, None, None, None)["verify"]
-        probe = requests.Request("POST", server.url).prepare()
-        pool = session.get_adapter(server.url).get_connection_with_tls_context(probe, verify)
-        pool.close()  # the pool the client sends on, closed before the request
+        verify = session.merge_environment_settings(polyv.url, {}, None, None, None)["verify"]
+        probe = requests.Request("POST", polyv.url).prepare()
+        pool = session.get_adapter(polyv.url).get_connection_with_tls_context(probe, verify)
+        pool.close()  # the pool the client sends on (as when close() races a send)
         with pytest.raises(PolyvUnavailable, match="could not connect"):
             polyv.send([NUMBER], ["code"], ["1"])
     assert server.requests == []
@@ -597,3 +645,271 @@ def test_a_proxy_refusing_the_tunnel_is_unavailable_not_ambiguous(
             with pytest.raises(PolyvUnavailable, match=r"could not connect.*ProxyError") as caught:
                 polyv.send([NUMBER], ["code"], ["1"])
     assert not isinstance(caught.value, AmbiguousSend)
+
+
+# -- The wall-clock deadline on one whole exchange -------------------------------------------
+# POLYV_HTTP_TIMEOUT bounds each socket read; a server whose bytes trickle in, each inside the
+# timeout, must still not hold a send past the deadline. Timeout 0.5 s gives the default
+# deadline config.exchange_deadline_s(0.5) = 3 s; the servers below trickle for three times
+# that (on a client without the deadline, a send takes the whole 9 s).
+TIMEOUT_S = 0.5
+DEADLINE_S = exchange_deadline_s(TIMEOUT_S)
+TRICKLE_FOR_S = 3 * DEADLINE_S
+TRICKLE_EVERY_S = 0.1  # well inside the per-read timeout, even on a loaded machine
+#: What a send may overrun its deadline by: the watchdog's reaction plus a loaded machine.
+MARGIN_S = 1.0
+
+
+def _trickle(conn: socket.socket, server: RawServer, data: bytes, gone: threading.Event) -> None:
+    """Send ``data`` one byte at a time for TRICKLE_FOR_S; set ``gone`` when the client left."""
+    until = time.monotonic() + TRICKLE_FOR_S
+    for byte in itertools.cycle(data):
+        if time.monotonic() > until or server.stopped.wait(TRICKLE_EVERY_S):
+            return
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:  # the client closed the connection
+            gone.set()
+            return
+
+
+def _send_timed(polyv: PolyvClient, number: str = NUMBER) -> tuple[float, Exception | None]:
+    started = time.monotonic()
+    try:
+        polyv.send([number], ["code"], ["1"])
+    except Exception as exc:
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def test_the_client_exposes_its_deadline() -> None:
+    assert PolyvClient("a", "s", timeout=0.5).deadline_s == DEADLINE_S == 3.0
+    assert PolyvClient("a", "s", timeout=0.5, deadline_s=7.5).deadline_s == 7.5
+    with pytest.raises(InvalidRequest, match="deadline_s"):
+        PolyvClient("a", "s", deadline_s=0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 1000, id="headers"),
+        pytest.param(_head(len(OK_BODY)) + OK_BODY[:5] + b" " * 1000, id="body"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\n \r\n" * 1000,
+            id="chunked-body",
+        ),
+    ],
+)
+def test_an_answer_trickling_past_the_deadline_is_cut_off_as_ambiguous(answer: bytes) -> None:
+    gone = threading.Event()
+
+    def trickle(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        _trickle(conn, server, answer, gone)
+
+    with RawServer(trickle) as server, PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
+        elapsed, error = _send_timed(polyv)
+        assert isinstance(error, AmbiguousSend), error
+        assert elapsed <= DEADLINE_S + MARGIN_S
+        assert "deadline" in str(error)
+        assert "sign=" not in str(error)
+        # The connection was closed (the server notices) and not put back into the pool.
+        assert gone.wait(5)
+        server.handler = lambda conn, server: (
+            read_http_request(conn),
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY),
+        )
+        assert polyv.send([NUMBER], ["code"], ["1"]).results[0].status == 12
+    assert server.connections == 2
+
+
+def test_headers_trickling_over_tls_are_cut_off_at_the_deadline(tmp_path: Path) -> None:
+    context, cert = self_signed_tls(tmp_path)
+    gone = threading.Event()
+
+    def trickle(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        _trickle(conn, server, b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000, gone)
+
+    with (
+        _session_trusting(cert) as session,
+        RawServer(trickle, tls=context) as server,
+        PolyvClient("a", "s", server.url, TIMEOUT_S, session=session) as polyv,
+    ):
+        elapsed, error = _send_timed(polyv)
+        assert isinstance(error, AmbiguousSend), error
+        assert elapsed <= DEADLINE_S + MARGIN_S
+        assert gone.wait(5)
+
+
+def test_a_server_that_accepts_and_never_answers_is_ambiguous_within_the_deadline() -> None:
+    def silent(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        server.stopped.wait(TRICKLE_FOR_S)
+
+    with RawServer(silent) as server, PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
+        elapsed, error = _send_timed(polyv)
+    assert isinstance(error, AmbiguousSend), error
+    assert elapsed <= DEADLINE_S + MARGIN_S
+    assert server.connections == 1  # not retried in place
+
+
+@pytest.fixture
+def hanging_port() -> Iterator[int]:
+    """A port whose connects hang: a listener that never accepts, its queue filled up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    try:
+        while True:  # fill the accept queue until a connect no longer completes
+            probe = socket.socket()
+            probe.settimeout(0.3)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                probe.close()
+                break
+            fillers.append(probe)
+            assert len(fillers) < 64, "this system's connects do not hang on a full queue"
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+def test_hanging_connects_retried_in_place_stop_at_the_deadline(hanging_port: int) -> None:
+    # Each try may take the whole timeout; many tries and a large retry budget would take
+    # longer than the deadline, which bounds them all together.
+    with PolyvClient(
+        "a",
+        "s",
+        f"http://127.0.0.1:{hanging_port}",
+        TIMEOUT_S,
+        connect_attempts=20,
+        connect_retry_budget_s=60,
+    ) as polyv:
+        elapsed, error = _send_timed(polyv)
+    assert isinstance(error, PolyvUnavailable), error
+    assert not isinstance(error, AmbiguousSend)
+    assert elapsed <= DEADLINE_S + MARGIN_S
+
+
+def test_concurrent_sends_each_keep_their_own_deadline() -> None:
+    # Slow and fast requests share one client and its pool: the watchdog cuts off the slow
+    # ones at their deadlines and never a connection that has gone on to serve a fast one.
+    slow_number = "13800000000"
+    gone = threading.Event()
+
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        while request := read_http_request(conn):
+            if slow_number.encode() in request:
+                _trickle(conn, server, _head(len(OK_BODY)) + OK_BODY[:5] + b" " * 1000, gone)
+                return
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY)
+
+    slow: list[tuple[float, Exception | None]] = []
+    fast: list[tuple[float, Exception | None]] = []
+
+    def fast_sender(polyv: PolyvClient, until: float) -> None:
+        while time.monotonic() < until:
+            fast.append(_send_timed(polyv))
+
+    with RawServer(answer) as server, PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
+        until = time.monotonic() + DEADLINE_S + 1.0
+        threads = [
+            threading.Thread(target=lambda: slow.append(_send_timed(polyv, slow_number)))
+            for _ in range(4)
+        ]
+        threads += [threading.Thread(target=fast_sender, args=(polyv, until)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE_S + 10)
+    assert len(slow) == 4
+    assert all(isinstance(error, AmbiguousSend) for _, error in slow), slow
+    assert all(elapsed <= DEADLINE_S + MARGIN_S for elapsed, _ in slow), slow
+    assert fast
+    assert [error for _, error in fast if error is not None] == []
+
+
+def test_no_thread_or_connection_is_left_behind_by_cut_off_sends() -> None:
+    gone = threading.Event()
+
+    def trickle(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        _trickle(conn, server, _head(len(OK_BODY)) + b" " * 1000, gone)
+
+    with PolyvClient("a", "s", f"http://127.0.0.1:{free_port()}", connect_attempts=1) as warm:
+        _send_timed(warm)  # the watchdog thread exists from the first send on
+    threads_before = set(threading.enumerate())
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with RawServer(trickle) as server, PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
+        for _ in range(2):
+            assert isinstance(_send_timed(polyv)[1], AmbiguousSend)
+    gc.collect()
+    assert set(threading.enumerate()) <= threads_before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_the_deadline_holds_in_a_forked_child() -> None:
+    # Celery's prefork pool forks workers: the watchdog thread of the parent does not exist in
+    # the child, which must make its own.
+    gone = threading.Event()
+
+    def trickle(conn: socket.socket, server: RawServer) -> None:
+        read_http_request(conn)
+        _trickle(conn, server, _head(len(OK_BODY)) + b" " * 1000, gone)
+
+    with PolyvClient("a", "s", f"http://127.0.0.1:{free_port()}", connect_attempts=1) as warm:
+        _send_timed(warm)  # the parent's watchdog thread is running
+    with RawServer(trickle) as server:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report (elapsed, error type) and leave at once
+            signal.alarm(int(TRICKLE_FOR_S) + 10)  # a child stuck for good dies, reporting nothing
+            try:
+                with PolyvClient("a", "s", server.url, TIMEOUT_S) as polyv:
+                    elapsed, error = _send_timed(polyv)
+                os.write(write_end, json.dumps([elapsed, type(error).__name__]).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            elapsed, kind = json.loads(reader.read() or b"[null, null]")
+        os.waitpid(pid, 0)
+    assert kind == "AmbiguousSend"
+    assert elapsed <= DEADLINE_S + MARGIN_S
+
+
+def test_a_deadline_never_cuts_a_connection_another_exchange_has_taken_over() -> None:
+    # Exchange A's connection goes back to the pool when A's answer is read, before A ends;
+    # exchange B takes it over. A's deadline passing then must not break B's exchange.
+    def answer(conn: socket.socket, server: RawServer) -> None:
+        served = 0
+        while read_http_request(conn):
+            served += 1
+            if served == 2:  # B's request: answered after A's deadline has passed
+                server.stopped.wait(1.5)
+            conn.sendall(_head(len(OK_BODY)) + OK_BODY)
+
+    results: list[object] = []
+    with RawServer(answer) as server, requests.Session() as session:
+        session.mount("http://", DeadlineAdapter())
+        url = server.url + "/"
+
+        def exchange_b() -> None:
+            with Exchange(30) as b:
+                results.append(session.post(url, timeout=5).json())
+                results.append(b.expired)
+
+        with Exchange(0.5) as a:
+            assert session.post(url, timeout=5).json() == json.loads(OK_BODY)
+            other = threading.Thread(target=exchange_b)
+            other.start()
+            other.join(10)
+            assert a.expired  # A's deadline passed while B used the connection
+    assert results == [json.loads(OK_BODY), False]
+    assert server.connections == 1
