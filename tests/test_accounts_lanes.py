@@ -328,10 +328,11 @@ def test_account_on_every_command_and_requeue_through_the_same_account(
         lane_workers(simulator=both, SMS_ACCOUNTS_FILE=path, SHOP_B=secret_b, SMS_MAX_ATTEMPTS=1)
         # The command's environment has the file but not the secret: look-ups need none.
         env = worker_env(account, both, redis_server, SMS_ACCOUNTS_FILE=path)
+        # Exit 3: a number did not end accepted.
         sent = run_json(
             env, "send", good, bad, "-p", "code=1", "--message-id", "m-b", "--account",
             "shop-b", "--lane", "urgent", "--wait", code=3,
-        )  # fmt: skip  (exit 3: a number did not end accepted)
+        )  # fmt: skip
         assert (sent["account"], sent["lane"]) == ("shop-b", "urgent")
         assert [r["outcome"] for r in sent["results"]] == ["accepted", "failed"]
 
