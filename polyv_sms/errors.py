@@ -12,6 +12,7 @@ One root, with branches that match what the worker does about them::
     │   ├── RateLimited        Polyv's "qps exceeds number of calls"
     │   ├── UnexpectedResponse the body is not the documented JSON
     │   └── LedgerUnavailable  the quota/receipt Redis could not be reached in time
+    ├── LedgerBroken           a ledger Redis error that retrying will not clear
     ├── PermanentError         Polyv refused the request (bad appId, sign, parameters)
     └── QuotaError             a daily limit stops the send
 """
@@ -28,6 +29,7 @@ __all__ = [
     "BatchTooLarge",
     "ConfigError",
     "InvalidRequest",
+    "LedgerBroken",
     "LedgerUnavailable",
     "PermanentError",
     "PolyvUnavailable",
@@ -86,6 +88,12 @@ class UnexpectedResponse(TransientError):
 
 class LedgerUnavailable(TransientError):
     """The Redis that holds quotas and receipts did not answer within the retry budget."""
+
+
+class LedgerBroken(SmsError):
+    """The ledger's Redis answered with an error that retrying will not clear: a wrong password,
+    ``MOVED`` to a client that cannot follow it, a key of the wrong type, a script that keeps
+    missing. The message names the error; ``SMS_REDIS_URL`` is the place to look."""
 
 
 class PermanentError(SmsError):

@@ -13,11 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
-
 from polyv_sms.config import Settings
 from polyv_sms.dispatch import Dispatcher
-from polyv_sms.ledger import Ledger, build_ledger, connect_redis
+from polyv_sms.ledger import Ledger, LedgerClient, build_ledger, connect_redis
 from polyv_sms.polyv.client import PolyvClient
 
 __all__ = ["Runtime", "build_runtime", "get_runtime", "set_runtime"]
@@ -28,7 +26,7 @@ class Runtime:
     """Everything a worker process needs to send."""
 
     settings: Settings
-    redis: redis.Redis
+    redis: LedgerClient
     ledger: Ledger
     client: PolyvClient
     dispatcher: Dispatcher
@@ -61,9 +59,11 @@ def build_runtime(
 
     Raises:
         ConfigError: the credentials or the ledger's Redis (``SMS_REDIS_URL``) are missing.
+        LedgerUnavailable: the ledger's Redis did not answer within ``SMS_REDIS_OUTAGE`` (it
+            is asked whether it is a cluster node).
     """
     app_id, secret = settings.require_credentials()
-    client = connect_redis(settings.require_redis_url())
+    client = connect_redis(settings.require_redis_url(), wait_s=settings.redis_outage_s)
     ledger = build_ledger(settings, client, clock=clock)
     polyv = PolyvClient(
         app_id,

@@ -9,15 +9,17 @@ worker: the task fails at once, nothing is sent and no retry follows.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import redis
 from celery import Task, signals
 from celery.exceptions import Ignore, Reject
+from celery.utils.quorum_queues import detect_quorum_queues
 
 from polyv_sms import background, metrics
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
-from polyv_sms.errors import InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import InvalidRequest, LedgerBroken, LedgerUnavailable
 from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
@@ -87,7 +89,7 @@ def _retry_cap(settings: Settings) -> int:
     max_retries=None,
     acks_late=True,
     reject_on_worker_lost=True,
-    throws=(InvalidRequest,),
+    throws=(InvalidRequest, LedgerBroken),
 )
 def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Send one SMS notification to up to ``SMS_ACCOUNT_DAILY_LIMIT`` numbers.
@@ -107,7 +109,16 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     Returns:
         ``{"message_id", "results": [per number], "counts": {outcome: n}}``.
     """
-    runtime = get_runtime()
+    try:
+        runtime = get_runtime()
+    except LedgerUnavailable as exc:
+        # The ledger did not answer while the worker built its client: like any outage.
+        countdown = Settings.from_env().retry_backoff_max_s
+        log.warning("%s; retrying the task in %.1fs", exc, countdown)
+        raise self.retry(countdown=_broker_countdown(self, countdown)) from None
+    except LedgerBroken as exc:
+        log.error("task %s failed: %s", self.request.id, exc)
+        raise
     settings = runtime.settings
     request = validate_request(args, kwargs, account_daily_limit=settings.account_daily_limit)
     task_id = str(self.request.id)
@@ -118,6 +129,13 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         give_up = f"gave up after {retries} task retries"
     try:
         outcome = runtime.dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
+    except LedgerBroken as exc:
+        # Retrying would loop forever (MOVED to a plain client, WRONGTYPE, a script that keeps
+        # missing, a refused password): the task fails with the error. What the ledger already
+        # holds of the message stays; its pending entry, if any, brings it back through the
+        # reconciler once the ledger is fixed.
+        log.error("message %s failed: %s", key, exc)
+        raise
     except (LedgerUnavailable, redis.RedisError) as exc:
         # Retried through the broker like any transient failure: failing the task would drop
         # the message (acks_late acknowledges a failed task).
@@ -132,7 +150,7 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         outcome_reason = outcome.reason
     metrics.TASK_RETRIES.labels(outcome_reason).inc()
     try:
-        raise self.retry(countdown=countdown)
+        raise self.retry(countdown=_broker_countdown(self, countdown))
     except Reject as exc:
         # Celery rejects a task whose retry it could not publish without requeueing: the
         # broker deletes the message and the result says FAILURE, though the message is not
@@ -154,6 +172,19 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if known:
             raise Ignore() from None
         raise Reject(exc.reason, requeue=True) from None
+
+
+def _broker_countdown(task: SendSmsTask, countdown: float) -> float:
+    """``countdown`` as the broker can honour it.
+
+    RabbitMQ's native delayed delivery (quorum queues) delays by whole seconds and kombu rounds
+    down, refusing a countdown that rounds to 0 ("countdown must be a positive number"): there
+    a countdown is rounded up, to 1 s at least.
+    """
+    broker = str(task.app.conf.broker_url or "")
+    if broker.startswith(("amqp", "pyamqp")) and detect_quorum_queues(task.app, "amqp")[0]:
+        return float(max(1, math.ceil(countdown)))
+    return countdown
 
 
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:

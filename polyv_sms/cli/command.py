@@ -30,7 +30,7 @@ from polyv_sms.cli.run import (
     serve_simulator,
 )
 from polyv_sms.config import DEFAULT_TIMEZONE, Settings
-from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import ConfigError, InvalidRequest, LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger import connect_redis, stored_requests
 from polyv_sms.ledger.receipts import Receipts
 
@@ -56,6 +56,8 @@ class _Group(click.Group):
             raise CliUsageError(str(exc)) from None
         except LedgerUnavailable as exc:
             raise CliError(f"{exc} (SMS_REDIS_URL)") from None
+        except LedgerBroken as exc:
+            raise CliError(str(exc)) from None
         except redis.RedisError as exc:
             raise CliError(f"Redis: {type(exc).__name__}: {exc}") from None
 
@@ -94,7 +96,8 @@ def _receipts() -> Receipts:
     settings = replace(settings, redis_outage_s=min(settings.redis_outage_s, CLI_REDIS_OUTAGE_S))
     # One error line at the end says it; no warning per retry on the way.
     logging.getLogger("polyv_sms.ledger").setLevel(logging.ERROR)
-    return Receipts(build_ledger(settings, connect_redis(settings.require_redis_url())))
+    client = connect_redis(settings.require_redis_url(), wait_s=settings.redis_outage_s)
+    return Receipts(build_ledger(settings, client))
 
 
 def _wait(async_result: Any, timeout: float, message_id: str) -> dict[str, Any]:
