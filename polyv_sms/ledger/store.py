@@ -388,7 +388,8 @@ def _never_clears(exc: Exception) -> bool:
     if isinstance(exc, _REDIS_OUTAGE_ERRORS):
         return False
     # BUSY: another script runs too long; it ends or is killed, so waiting helps.
-    return not str(exc).startswith("BUSY")
+    # NOREPLICAS: a master with min-replicas-to-write refuses writes until a replica is back.
+    return not str(exc).startswith(("BUSY", "NOREPLICAS"))
 
 
 def build_ledger(
