@@ -80,8 +80,8 @@ def test_rabbitmq_profile_runs_quorum_queues(compose) -> None:
     assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     assert _command(worker) == _command(services["worker"])
     # the settings are real: they build a configuration
-    from polyv_sms.config import Settings  # noqa: PLC0415
-    from polyv_sms.worker import celery_config  # noqa: PLC0415
+    from polyv_sms.config import Settings
+    from polyv_sms.worker import celery_config
 
     config = celery_config(Settings.from_env(env))
     assert config["task_default_queue_type"] == "quorum"

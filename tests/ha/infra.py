@@ -159,15 +159,29 @@ class SentinelSet:
     MASTER_NAME = "polyvmaster"
 
     def __init__(self, directory: Path) -> None:
-        self.master = Node(directory)
-        self.replica = Node(directory, "--replicaof", "127.0.0.1", "0")
+        # no 5 s wait before the initial (diskless) sync: the replica is ready sooner
+        self.master = Node(directory, "--repl-diskless-sync-delay", "0")
+        self.replica = Node(directory)
         self.sentinel = Node(directory)
         self.directory = directory
 
     def start(self) -> SentinelSet:
         self.master.start()
-        self.replica.args = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.args = (
+            "--replicaof",
+            "127.0.0.1",
+            str(self.master.port),
+            "--repl-diskless-sync-delay",
+            "0",
+        )
         self.replica.start()
+
+        def synced() -> bool:
+            with self.replica.client() as client:
+                return client.info("replication")["master_link_status"] == "up"
+
+        # Promoting a replica that has not synced yet would lose everything: wait for it.
+        wait_for(synced, 30, 0.05, "the replica to sync")
         conf = self.sentinel.directory / "sentinel.conf"
         name = self.MASTER_NAME
         conf.write_text(
@@ -190,29 +204,44 @@ class SentinelSet:
         return f"sentinel://127.0.0.1:{self.sentinel.port}/{self.MASTER_NAME}/{db}"
 
     def master_port(self) -> int:
+        """The master as ``SENTINEL MASTERS`` names it: what redis-py and kombu ask. (During a
+        failover ``GET-MASTER-ADDR-BY-NAME`` names the promoted replica earlier.)"""
         with self.sentinel.client() as client:
-            return int(client.sentinel_get_master_addr_by_name(self.MASTER_NAME)[1])
+            return int(client.sentinel_masters()[self.MASTER_NAME]["port"])
 
     def failover(self) -> int:
-        """``SENTINEL FAILOVER``: the replica becomes the master. Returns its port."""
+        """A planned switchover with ``SENTINEL FAILOVER``, as operations.md describes it:
+
+        1. ``CLIENT PAUSE <ms> WRITE`` on the master: writes wait; then wait until the
+           replica's offset reaches the master's, so it has every acknowledged write when it
+           is promoted (asynchronous replication loses nothing);
+        2. ``SENTINEL FAILOVER``; wait until ``SENTINEL MASTERS`` names the replica (the
+           ``+switch-master`` event);
+        3. ``REPLICAOF <new master>`` on the old master, then ``CLIENT UNPAUSE``: the paused
+           writes are refused (``READONLY``, never applied), and redis-py and kombu ask Sentinel
+           again and find the new master. (Sentinel itself demotes the old master only some
+           seconds later; until then clients still connected to it would write where
+           replication throws it away.)
+
+        Returns:
+            The new master's port.
+        """
         before = self.master_port()
         old = next(n for n in (self.master, self.replica) if n.port == before)
-        # A planned switchover as operations.md says: pause writes on the old master first, for
-        # longer than Sentinel takes to turn it into a replica (it then disconnects its clients,
-        # which find the new master). Without the pause, clients keep writing to the old master
-        # for those seconds, and replication throws those writes away.
         with old.client() as client:
-            client.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
-        with self.sentinel.client() as client:
-            client.execute_command("SENTINEL", "FAILOVER", self.MASTER_NAME)
-        wait_for(lambda: self.master_port() != before, 30, 0.1, "the failover")
+            client.execute_command("CLIENT", "PAUSE", 15000, "WRITE")
+            new = self.replica if old is self.master else self.master
 
-        def demoted() -> bool:
-            with old.client() as client:
-                return client.info("replication")["role"] == "slave"
+            def caught_up() -> bool:
+                offset = int(client.info("replication")["master_repl_offset"])
+                with new.client() as replica:
+                    return int(replica.info("replication")["slave_repl_offset"]) >= offset
 
-        wait_for(demoted, 30, 0.2, "the old master to turn replica")
-        with old.client() as client:
+            wait_for(caught_up, 10, 0.02, "the replica to catch up")
+            with self.sentinel.client() as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", self.MASTER_NAME)
+            wait_for(lambda: self.master_port() != before, 30, 0.05, "the failover")
+            client.execute_command("REPLICAOF", "127.0.0.1", self.master_port())
             client.execute_command("CLIENT", "UNPAUSE")
         return self.master_port()
 
