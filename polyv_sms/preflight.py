@@ -124,7 +124,8 @@ def wait_for_ledger(
             sleep(_PAUSE_S)
             continue
         if said is not None:
-            log.info("the ledger Redis answers; starting")
+            # (at WARNING: logging is not set up yet at worker_init, and INFO would be lost)
+            log.warning("the ledger Redis answers; starting")
         return
 
 

@@ -115,6 +115,8 @@ def _ask_cluster(client: redis.Redis, url: str, wait_s: float) -> bool:
     while True:
         try:
             return is_cluster_node(client)
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError):
+            raise  # (ConnectionErrors to redis-py, but waiting will not fix a password)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
             if time.monotonic() - started >= wait_s:
                 raise LedgerUnavailable(f"ledger Redis unavailable: {type(exc).__name__}") from exc

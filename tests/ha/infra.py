@@ -20,8 +20,11 @@ RABBITMQCTL = shutil.which("rabbitmqctl") or "rabbitmqctl"
 class Node:
     """One redis-server process with extra arguments (cluster node, replica, sentinel)."""
 
-    def __init__(self, directory: Path, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *args: str, port: int | None = None, password: str | None = None
+    ) -> None:
         self.port = port or free_port()
+        self.password = password
         self.directory = directory / str(self.port)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.args = args
@@ -57,7 +60,9 @@ class Node:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(
+            port=self.port, password=self.password, decode_responses=True, socket_timeout=5
+        )
 
     def stop(self) -> None:
         if self.process is not None:
