@@ -24,7 +24,13 @@ from polyv_sms.config import Settings, redact_url
 from polyv_sms.errors import ConfigError, LedgerUnavailable
 from polyv_sms.ledger import Keys, connect_redis
 
-__all__ = ["EXIT_UNAVAILABLE", "LedgerUnreachable", "check_brokers", "wait_for_ledger"]
+__all__ = [
+    "EXIT_UNAVAILABLE",
+    "LedgerUnreachable",
+    "check_brokers",
+    "check_queue_type",
+    "wait_for_ledger",
+]
 
 log = logging.getLogger("polyv_sms.worker")
 
@@ -156,3 +162,36 @@ def check_brokers(settings: Settings) -> None:
                 f"{name}: {redact_url(url)} is a Redis Cluster node; Celery cannot use a "
                 "Redis Cluster (use RabbitMQ, a plain Redis or sentinel://)"
             )
+
+
+def check_queue_type(settings: Settings, queue: str) -> None:
+    """On RabbitMQ, declare ``queue`` as ``SMS_QUEUE_TYPE`` says, so that a queue of the other
+    type (a classic ``sms`` queue when switching to quorum) stops the worker with the way out,
+    not with a consumer that reconnects forever. Unreachable: left to Celery.
+
+    Raises:
+        ConfigError: naming ``SMS_QUEUE_TYPE``.
+    """
+    if urlsplit(settings.broker_url).scheme not in ("amqp", "amqps", "pyamqp"):
+        return
+    from amqp.exceptions import PreconditionFailed  # type: ignore[import-untyped]  # noqa: PLC0415
+    from kombu.connection import Connection  # noqa: PLC0415 - RabbitMQ only
+
+    arguments = {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else None
+    try:
+        with Connection(  # type: ignore[no-untyped-call]
+            settings.broker_url, connect_timeout=_PROBE_TIMEOUT_S
+        ) as connection:
+            connection.ensure_connection(max_retries=1)
+            connection.default_channel.queue_declare(
+                queue=queue, durable=True, auto_delete=False, arguments=arguments
+            )
+    except PreconditionFailed as exc:
+        raise ConfigError(
+            f"SMS_QUEUE_TYPE={settings.queue_type}: RabbitMQ already has a queue {queue!r} of "
+            f"another type ({exc.reply_text}); a queue cannot change type in place: drain it "
+            "and delete it (rabbitmqctl delete_queue), or see operations.md, 'Moving to quorum "
+            "queues'"
+        ) from None
+    except Exception as exc:  # unreachable or refused: Celery says so itself
+        log.debug("queue type not checked: %s", exc)

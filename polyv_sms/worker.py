@@ -189,6 +189,7 @@ def _refuse_without_credentials(**_: Any) -> None:
         settings.require_credentials()
         settings.require_redis_url()
         preflight.check_brokers(settings)
+        preflight.check_queue_type(settings, QUEUE)
         preflight.wait_for_ledger(settings, wait_s=settings.ledger_start_wait_s)
     except ConfigError as exc:
         _exit(f"polyv-sms worker: {exc}", 78)  # EX_CONFIG

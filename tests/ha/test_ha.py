@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from helpers import WorkerProcess, wait_for
-from kombu import Exchange, Queue
+from kombu import Connection, Exchange, Queue
 from redis.crc import key_slot
 
 from polyv_sms.config import Settings
@@ -337,3 +337,33 @@ def test_rabbitmq_quorum_queues_keep_countdown_retries_working(
     assert "PRECONDITION_FAILED" not in log
     assert vhost.queues().get("sms") == "quorum"
     recipe.close()
+
+
+def test_a_classic_sms_queue_stops_a_quorum_worker_with_the_way_out(
+    vhost: Vhost, account, ha_sim, redis_server, run_worker, tmp_path: Path
+) -> None:
+    # An existing deployment: the classic queue a classic worker declared.
+    with Connection(vhost.url()) as connection:
+        connection.default_channel.queue_declare(queue="sms", durable=True, auto_delete=False)
+    env = _env(
+        account,
+        ha_sim,
+        SMS_BROKER_URL=vhost.url(),
+        SMS_RESULT_BACKEND=redis_server.url(1),
+        SMS_REDIS_URL=redis_server.url(2),
+        SMS_QUEUE_TYPE="quorum",
+    )
+    worker = WorkerProcess(env, tmp_path / "quorum-on-classic.log")
+    worker.start(wait=False)
+    try:
+        wait_for(lambda: not worker.alive(), 60, 0.1, "the worker to exit")
+        assert worker.process is not None
+        assert worker.process.returncode == 78
+        log = worker.log()
+        assert "SMS_QUEUE_TYPE=quorum" in log
+        assert "x-queue-type" in log
+        assert "operations.md" in log
+        assert " ready." not in log
+    finally:
+        worker.stop()
+    assert vhost.queues().get("sms") == "classic"  # left as it was
