@@ -234,7 +234,7 @@ class SentinelSet:
         before = self.master_port()
         old = next(n for n in (self.master, self.replica) if n.port == before)
         with old.client() as client:
-            client.execute_command("CLIENT", "PAUSE", 15000, "WRITE")
+            client.execute_command("CLIENT", "PAUSE", 30000, "WRITE")
             new = self.replica if old is self.master else self.master
 
             def caught_up() -> bool:
@@ -279,6 +279,20 @@ class Vhost:
             [RABBITMQCTL, *args], capture_output=True, text=True, timeout=60, check=True
         )
         return done.stdout
+
+    def quorum_queues_enabled(self) -> bool:
+        """Whether the node's ``quorum_queue`` feature flag is on (enabling it if it is off:
+        a flag is node-wide, and enabling one is what an upgraded RabbitMQ asks for anyway)."""
+        flags = self._ctl("list_feature_flags", "--quiet", "--no-table-headers")
+        state = dict(line.split("\t")[:2] for line in flags.splitlines() if "\t" in line)
+        if state.get("quorum_queue") == "enabled":
+            return True
+        if "quorum_queue" not in state:
+            return False  # RabbitMQ before 3.8: no quorum queues at all
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._ctl("enable_feature_flag", "quorum_queue")
+            return True
+        return False
 
     def create(self) -> Vhost:
         self._ctl("add_vhost", self.name)

@@ -97,7 +97,10 @@ def sentinels(ha_dir: Path) -> Iterator[SentinelSet]:
 def vhost() -> Iterator[Vhost]:
     if not rabbitmq_available():
         pytest.skip("no RabbitMQ on 127.0.0.1:5672 (rabbitmqctl status failed)")
-    created = Vhost().create()
+    created = Vhost()
+    if not created.quorum_queues_enabled():
+        pytest.skip("RabbitMQ has no quorum queues (feature flag quorum_queue off, RabbitMQ < 3.8)")
+    created.create()
     yield created
     created.delete()
 
