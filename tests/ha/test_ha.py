@@ -285,9 +285,23 @@ def test_sentinel_carries_ledger_broker_and_results_through_a_failover(
     worker = run_worker(env)
     producer = _producer(env)
     first_master = sentinels.master_port()
-    carry_messages(_by_name(producer, queue="sms"), _receipts(env), ha_sim, env, sentinels.failover)
+    by_name = _by_name(producer, queue="sms")
+    results: dict[str, Any] = {}
+
+    def send(numbers: list[str], message_id: str) -> object:
+        results[message_id] = by_name(numbers, message_id)
+        return results[message_id]
+
+    done = carry_messages(send, _receipts(env), ha_sim, env, sentinels.failover)
     assert sentinels.master_port() != first_master
     assert worker.alive()
+    # The result backend behind the same Sentinel: a message enqueued after the failover
+    # reports its outcome to its caller.
+    last = list(results)[-1]
+    outcome = results[last].get(timeout=60)
+    assert outcome["message_id"] == last
+    counts = {state: n for state, n in outcome["counts"].items() if n}
+    assert counts == done[last]["counts"]
     producer.close()
 
 
