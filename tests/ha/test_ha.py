@@ -252,7 +252,7 @@ def test_a_redis_cluster_ledger_keeps_working_through_a_reshard(
     worker = run_worker(env)
     producer = _producer(env)
     moved: list[int] = []
-    carry_messages(
+    done = carry_messages(
         _by_name(producer, queue="sms"),
         _receipts(env),
         ha_sim,
@@ -265,10 +265,23 @@ def test_a_redis_cluster_ledger_keeps_working_through_a_reshard(
     log = worker.log()
     assert "MovedError" not in log
     assert "LedgerBroken" not in log
-    status = subprocess.run(
-        [*CLI, "quota", "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert status.returncode == 0, status.stderr
+    # `polyv-sms status` and `quota` (issue 11: MovedError) on the resharded cluster.
+    first = next(iter(done))
+
+    def cli(*command: str) -> str:
+        shown = subprocess.run(
+            [*CLI, *command, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout
+
+    assert first in cli("status", first)
+    assert '"used"' in cli("quota")
     producer.close()
 
 
