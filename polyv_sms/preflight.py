@@ -75,7 +75,12 @@ def _probe(settings: Settings) -> None:
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
         raise ConfigError(f"SMS_REDIS_URL: the ledger Redis refused us: {exc}") from None
     except redis.ResponseError as exc:
-        if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError)):
+        passing = (
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.ClusterDownError,  # MASTERDOWN too
+        )
+        if isinstance(exc, passing) or str(exc).startswith(("BUSY", "NOREPLICAS")):
             raise LedgerUnavailable(f"ledger Redis not ready: {exc}") from None
         raise ConfigError(f"SMS_REDIS_URL: the ledger Redis answered {exc}") from None
     finally:
