@@ -117,7 +117,11 @@ def _ask_cluster(client: redis.Redis, url: str, wait_s: float) -> bool:
             return is_cluster_node(client)
         except (redis.AuthenticationError, redis.exceptions.AuthorizationError):
             raise  # (ConnectionErrors to redis-py, but waiting will not fix a password)
-        except redis.exceptions.NoPermissionError:
+        except redis.ResponseError as exc:
+            if "not allowed in cluster mode" in str(exc):
+                return True  # SELECT of a database other than 0, on a cluster node
+            if not isinstance(exc, redis.exceptions.NoPermissionError):
+                raise
             # An ACL user without INFO: take it for a plain Redis. (On a cluster node, the
             # first MOVED then fails the message loudly, naming SMS_REDIS_URL.)
             log.warning("SMS_REDIS_URL: INFO is not permitted; assuming a plain Redis")

@@ -17,8 +17,8 @@ from celery import Celery
 from helpers import RedisServer, free_port, wait_for
 
 from polyv_sms.config import Settings
-from polyv_sms.errors import LedgerBroken, LedgerUnavailable
-from polyv_sms.ledger import Keys, build_ledger
+from polyv_sms.errors import ConfigError, LedgerBroken, LedgerUnavailable
+from polyv_sms.ledger import Keys, build_ledger, connect_redis
 from polyv_sms.tasks import _broker_countdown, send_sms
 from polyv_sms.worker import celery_config
 
@@ -218,3 +218,25 @@ def test_a_users_celery_config_module_wins_over_the_projects(tmp_path: Path) -> 
     )
     assert done.returncode != 0
     assert "SMS_CELERY_CONFIG='no_such_module' cannot be imported" in done.stderr
+
+
+def test_the_ledger_client_follows_what_the_url_names(tmp_path: Path) -> None:
+    plain = Node(tmp_path).start()
+    node = Node(tmp_path, "--cluster-enabled", "yes", "--cluster-port", str(free_port())).start()
+    try:
+        assert type(connect_redis(f"redis://127.0.0.1:{plain.port}/3")) is redis.Redis
+        with pytest.raises(ConfigError, match=r"SMS_REDIS_URL: a Redis Cluster has database 0"):
+            connect_redis(f"redis://127.0.0.1:{node.port}/2")
+        # An ACL user that may not run INFO: taken for a plain Redis, not refused.
+        with plain.client() as admin:
+            admin.acl_setuser(
+                "limited", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"]
+            )
+        client = connect_redis(f"redis://limited:pw@127.0.0.1:{plain.port}/0")
+        assert type(client) is redis.Redis
+        assert client.ping()
+        with pytest.raises(LedgerUnavailable):
+            connect_redis(f"redis://127.0.0.1:{free_port()}/0", wait_s=0)
+    finally:
+        plain.stop()
+        node.stop()
