@@ -120,11 +120,14 @@ def _ask_cluster(client: redis.Redis, url: str, wait_s: float) -> bool:
         except redis.ResponseError as exc:
             if "not allowed in cluster mode" in str(exc):
                 return True  # SELECT of a database other than 0, on a cluster node
-            if not isinstance(exc, redis.exceptions.NoPermissionError):
+            unknown = str(exc).startswith("unknown command")
+            if not (unknown or isinstance(exc, redis.exceptions.NoPermissionError)):
                 raise
-            # An ACL user without INFO: take it for a plain Redis. (On a cluster node, the
-            # first MOVED then fails the message loudly, naming SMS_REDIS_URL.)
-            log.warning("SMS_REDIS_URL: INFO is not permitted; assuming a plain Redis")
+            # An ACL user without INFO, or a Redis-compatible server without it (a proxy,
+            # fakeredis): take it for a plain Redis. (On a cluster node, the first MOVED then
+            # fails the message loudly, naming SMS_REDIS_URL.)
+            say = log.debug if unknown else log.warning
+            say("SMS_REDIS_URL: INFO cluster refused (%s); assuming a plain Redis", exc)
             return False
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
             if time.monotonic() - started >= wait_s:
