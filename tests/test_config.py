@@ -153,6 +153,7 @@ def test_one_sentinel_url_serves_the_ledger_the_broker_and_the_results() -> None
         ("SMS_REDIS_URL", "sentinel://localhost:26379/m/x", "database 'x'"),
         ("SMS_RESULT_BACKEND", "sentinel://a:1;sentinel://b:2", "kombu's own"),
         ("SMS_REDIS_URL", "sentinel://a:port/m", "not a number"),
+        ("SMS_REDIS_URL", "sentinel://:hunter2@a:1/", "master's name"),
     ],
 )
 def test_a_bad_sentinel_url_names_its_variable(variable: str, url: str, problem: str) -> None:
@@ -162,6 +163,7 @@ def test_a_bad_sentinel_url_names_its_variable(variable: str, url: str, problem:
     with pytest.raises(ConfigError, match=variable) as caught:
         Settings.from_env(env)
     assert problem in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_quorum_queues_need_rabbitmq_and_set_up_delayed_delivery() -> None:
