@@ -192,6 +192,8 @@ def check_queue_type(settings: Settings, queue: str) -> None:
                 queue=queue, durable=True, auto_delete=False, arguments=arguments
             )
     except PreconditionFailed as exc:
+        if "x-queue-type" not in str(exc.reply_text):
+            return  # other arguments of the user's own (SMS_CELERY_CONFIG): Celery's to judge
         raise ConfigError(
             f"SMS_QUEUE_TYPE={settings.queue_type}: RabbitMQ already has a queue {queue!r} of "
             f"another type ({exc.reply_text}); a queue cannot change type in place: drain it "
