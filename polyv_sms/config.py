@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from polyv_sms.errors import ConfigError
@@ -27,6 +27,8 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_PHONE_DAILY_LIMIT",
     "DEFAULT_POLYV_RATE",
+    "DEFAULT_QUEUE_TYPE",
+    "DEFAULT_RABBITMQ_CONSUMER_TIMEOUT_S",
     "DEFAULT_RECEIPT_TTL_DAYS",
     "DEFAULT_RETRY_BACKOFF_MAX_S",
     "DEFAULT_RETRY_BACKOFF_S",
@@ -34,9 +36,13 @@ __all__ = [
     "DEFAULT_VISIBILITY_TIMEOUT_S",
     "MAX_PORT",
     "POLYV_MAX_NUMBERS_PER_REQUEST",
+    "QUEUE_TYPES",
     "Secret",
+    "SentinelUrl",
     "Settings",
     "exchange_deadline_s",
+    "parse_sentinel_url",
+    "redact_url",
 ]
 
 DEFAULT_API_BASE = "https://api.polyv.net"
@@ -60,6 +66,16 @@ DEFAULT_BULK_HEADROOM = 200
 DEFAULT_POLYV_RATE = 100.0
 #: Polyv refuses more than this many numbers in one request.
 POLYV_MAX_NUMBERS_PER_REQUEST = 200
+#: ``SMS_QUEUE_TYPE``: RabbitMQ queue type of the ``sms`` queue(s).
+DEFAULT_QUEUE_TYPE = "classic"
+QUEUE_TYPES = ("classic", "quorum")
+#: RabbitMQ's own ``consumer_timeout`` (30 min by default): a delivery left unacknowledged
+#: longer closes the channel. ``SMS_RABBITMQ_CONSUMER_TIMEOUT`` states the server's value.
+DEFAULT_RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
+DEFAULT_SENTINEL_PORT = 26379
+#: How long a starting worker waits for an unreachable ledger before it exits (its supervisor
+#: then starts it again).
+DEFAULT_LEDGER_START_WAIT_S = 300.0
 #: In-place retries of a connection that never reached Polyv take at most this long together.
 DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
 #: The highest TCP port: SMS_METRICS_PORT plus a worker's index may not exceed it.
@@ -149,6 +165,11 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     return value
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***``."""
+    return _redact_url(url)
+
+
 def _redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -158,6 +179,9 @@ def _redact_url(url: str) -> str:
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sentinel", "memory")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: The ledger may also live behind Sentinel (``sentinel://``).
+_LEDGER_SCHEMES = (*_REDIS_SCHEMES, "sentinel")
+_AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 #: Brokers whose URL Celery also takes as a result backend (``sentinel://`` included).
 _REDIS_BROKER_SCHEMES = ("redis", "rediss", "sentinel")
 
@@ -198,6 +222,12 @@ class Settings:
     accounts_file: str | None = None
     bulk_headroom: int = DEFAULT_BULK_HEADROOM
     polyv_rate: float = DEFAULT_POLYV_RATE
+    #: ``classic`` or ``quorum`` (RabbitMQ only; see :func:`polyv_sms.worker.celery_config`).
+    queue_type: str = DEFAULT_QUEUE_TYPE
+    #: A module of Celery settings that win over the project's (``SMS_CELERY_CONFIG``).
+    celery_config_module: str | None = None
+    rabbitmq_consumer_timeout_s: float = DEFAULT_RABBITMQ_CONSUMER_TIMEOUT_S
+    ledger_start_wait_s: float = DEFAULT_LEDGER_START_WAIT_S
 
     def __post_init__(self) -> None:
         try:
@@ -215,10 +245,35 @@ class Settings:
                 f"SMS_RETRY_BACKOFF={self.retry_backoff_s:g} is above "
                 f"SMS_RETRY_BACKOFF_MAX={self.retry_backoff_max_s:g}"
             )
+        self._check_broker_kind()
         if self.phone_daily_limit > self.account_daily_limit:
             raise ConfigError(
                 f"SMS_PHONE_DAILY_LIMIT={self.phone_daily_limit} is above "
                 f"SMS_ACCOUNT_DAILY_LIMIT={self.account_daily_limit}"
+            )
+
+    def _check_broker_kind(self) -> None:
+        """What only a RabbitMQ broker has: quorum queues and a ``consumer_timeout``."""
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigError(
+                f"SMS_QUEUE_TYPE={self.queue_type!r} is not one of {', '.join(QUEUE_TYPES)}"
+            )
+        amqp = urlsplit(self.broker_url).scheme in _AMQP_SCHEMES
+        if self.queue_type == "quorum" and not amqp:
+            raise ConfigError(
+                "SMS_QUEUE_TYPE=quorum needs a RabbitMQ broker (amqp://); SMS_BROKER_URL is "
+                f"{_redact_url(self.broker_url)!r}"
+            )
+        # A countdown retry on a classic queue waits in the worker, unacknowledged (quorum
+        # queues hold it in RabbitMQ's delay queues instead): RabbitMQ closes the channel of a
+        # delivery unacknowledged for longer than its consumer_timeout, and the run is redone.
+        waits = self.retry_backoff_max_s if self.queue_type == "classic" else 0.0
+        if amqp and waits + self.task_time_limit_s >= self.rabbitmq_consumer_timeout_s:
+            raise ConfigError(
+                f"SMS_RETRY_BACKOFF_MAX={waits:g} plus the task time limit "
+                f"({self.task_time_limit_s:g}s) must stay below SMS_RABBITMQ_CONSUMER_TIMEOUT="
+                f"{self.rabbitmq_consumer_timeout_s:g} (RabbitMQ's consumer_timeout), or "
+                "RabbitMQ closes the channel of a worker holding a task unacknowledged"
             )
 
     @classmethod
@@ -241,12 +296,20 @@ class Settings:
         broker_scheme = urlsplit(broker).scheme
         redis_url: str | None = None
         if _text(env, "SMS_REDIS_URL", None) is not None:
-            redis_url = _url(env, "SMS_REDIS_URL", broker, _REDIS_SCHEMES)
-        elif broker_scheme in _REDIS_SCHEMES:
+            redis_url = _url(env, "SMS_REDIS_URL", broker, _LEDGER_SCHEMES)
+        elif broker_scheme in _LEDGER_SCHEMES:
             redis_url = broker
         # A Redis broker is also the result backend; otherwise the ledger's Redis, if any
         # (Celery 5 has no amqp:// result backend); otherwise none.
         result_default = broker if broker_scheme in _REDIS_BROKER_SCHEMES else redis_url
+        result_backend = _text(env, "SMS_RESULT_BACKEND", result_default)
+        for name, url in (
+            ("SMS_BROKER_URL", broker),
+            ("SMS_RESULT_BACKEND", result_backend),
+            ("SMS_REDIS_URL", redis_url),
+        ):
+            if url is not None and url.startswith("sentinel:"):
+                parse_sentinel_url(url, name)  # fails here, naming the variable
         secret = _text(env, "POLYV_APP_SECRET", None)
         metrics_port = _text(env, "SMS_METRICS_PORT", None)
         return cls(
@@ -257,7 +320,7 @@ class Settings:
                 env, "POLYV_HTTP_TIMEOUT", DEFAULT_HTTP_TIMEOUT_S, minimum=0.001
             ),
             broker_url=broker,
-            result_backend=_text(env, "SMS_RESULT_BACKEND", result_default),
+            result_backend=result_backend,
             redis_url=redis_url,
             phone_daily_limit=_integer(
                 env, "SMS_PHONE_DAILY_LIMIT", DEFAULT_PHONE_DAILY_LIMIT, minimum=1
@@ -293,6 +356,17 @@ class Settings:
             accounts_file=_text(env, "SMS_ACCOUNTS_FILE", None),
             bulk_headroom=_integer(env, "SMS_BULK_HEADROOM", DEFAULT_BULK_HEADROOM, minimum=0),
             polyv_rate=_number(env, "SMS_POLYV_RATE", DEFAULT_POLYV_RATE, minimum=0.001),
+            queue_type=_required_text(env, "SMS_QUEUE_TYPE", DEFAULT_QUEUE_TYPE).lower(),
+            celery_config_module=_text(env, "SMS_CELERY_CONFIG", None),
+            rabbitmq_consumer_timeout_s=_number(
+                env,
+                "SMS_RABBITMQ_CONSUMER_TIMEOUT",
+                DEFAULT_RABBITMQ_CONSUMER_TIMEOUT_S,
+                minimum=1,
+            ),
+            ledger_start_wait_s=_number(
+                env, "SMS_LEDGER_START_WAIT", DEFAULT_LEDGER_START_WAIT_S, minimum=0
+            ),
         )
 
     def require_credentials(self) -> tuple[str, Secret]:
@@ -318,7 +392,8 @@ class Settings:
         if self.redis_url is None:
             raise ConfigError(
                 f"SMS_REDIS_URL must be set: the broker {_redact_url(self.broker_url)!r} is not "
-                "Redis (redis://, rediss:// or unix://), and quotas and receipts live in Redis"
+                "Redis (redis://, rediss://, unix:// or sentinel://), and quotas and receipts "
+                "live in Redis"
             )
         return self.redis_url
 
@@ -363,3 +438,73 @@ def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``sentinel://[:password@]host:port[,host:port...]/MASTER_NAME[/DB]``, parsed.
+
+    The one URL form for a Redis behind Sentinel, for the ledger, the broker and the result
+    backend alike. The password is the master's (and its replicas'); sentinels that need one
+    of their own take it from the Celery setting ``broker_transport_options['sentinel_kwargs']``
+    (see ``SMS_CELERY_CONFIG``) - the ledger uses the same password for both.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def kombu_url(self) -> str:
+        """The URL kombu's and Celery's Sentinel support read: one ``sentinel://`` per
+        sentinel, ``;``-separated (the master's name goes in the transport options)."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        return ";".join(
+            f"sentinel://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels
+        )
+
+
+def parse_sentinel_url(url: str, name: str = "SMS_REDIS_URL") -> SentinelUrl:
+    """Parse a ``sentinel://`` URL of this project's form (see :class:`SentinelUrl`).
+
+    Args:
+        url: the URL.
+        name: the variable it came from, for the error message.
+
+    Raises:
+        ConfigError: the URL is not of that form; the message names ``name``.
+    """
+    shown = _redact_url(url)
+    form = "sentinel://[:password@]host:port[,host:port...]/MASTER_NAME[/DB]"
+    if ";" in url:
+        raise ConfigError(
+            f"{name}: {shown!r} is kombu's own Sentinel form; write it as {form} (one URL for "
+            "the ledger, the broker and the result backend; the project translates it)"
+        )
+    parts = urlsplit(url)
+    if parts.scheme != "sentinel":
+        raise ConfigError(f"{name}: {shown!r} is not a sentinel:// URL ({form})")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, password = None, None
+    if credentials:
+        user, has_password, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        if not host:
+            raise ConfigError(f"{name}: {shown!r} names no sentinel host ({form})")
+        if port and not port.isdigit():
+            raise ConfigError(f"{name}: {shown!r}: port {port!r} is not a number ({form})")
+        sentinels.append((host, int(port) if port else DEFAULT_SENTINEL_PORT))
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2 or (len(path) == 1 and path[0].isdigit()):
+        raise ConfigError(f"{name}: {shown!r} needs the master's name ({form})")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ConfigError(f"{name}: {shown!r}: database {path[1]!r} is not a number ({form})")
+    db = int(path[1]) if len(path) == 2 else 0
+    return SentinelUrl(tuple(sentinels), unquote(path[0]), db, username, password)

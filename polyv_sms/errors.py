@@ -13,6 +13,7 @@ One root, with branches that match what the worker does about them::
     │   ├── UnexpectedResponse the body is not the documented JSON
     │   ├── LedgerUnavailable  the quota/receipt Redis could not be reached in time
     │   └── BrokerUnavailable  enqueueing: the broker or result backend could not be reached
+    ├── LedgerBroken           a ledger Redis error that retrying will not clear
     ├── PermanentError         Polyv refused the request (bad appId, sign, parameters)
     └── QuotaError             a daily limit stops the send
 """
@@ -30,6 +31,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "InvalidRequest",
+    "LedgerBroken",
     "LedgerUnavailable",
     "PermanentError",
     "PolyvUnavailable",
@@ -104,6 +106,12 @@ class BrokerUnavailable(TransientError):
     def __init__(self, message: str, *, variable: str) -> None:
         super().__init__(message)
         self.variable = variable
+
+
+class LedgerBroken(SmsError):
+    """The ledger's Redis answered with an error that retrying will not clear: a wrong password,
+    ``MOVED`` to a client that cannot follow it, a key of the wrong type, a script that keeps
+    missing. The message names the error; ``SMS_REDIS_URL`` is the place to look."""
 
 
 class PermanentError(SmsError):

@@ -13,13 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import redis
-
 from polyv_sms.accounts import DEFAULT_ACCOUNT, Account, load_accounts
 from polyv_sms.config import Settings
 from polyv_sms.dispatch import Dispatcher
 from polyv_sms.errors import InvalidRequest
-from polyv_sms.ledger import Ledger, build_ledger, connect_redis
+from polyv_sms.ledger import Ledger, LedgerClient, build_ledger, connect_redis
 from polyv_sms.ledger.ratelimit import RateGuard
 from polyv_sms.polyv.client import PolyvClient
 
@@ -41,7 +39,7 @@ class Runtime:
     """Everything a worker process needs to send."""
 
     settings: Settings
-    redis: redis.Redis
+    redis: LedgerClient
     ledger: Ledger
     client: PolyvClient
     dispatcher: Dispatcher
@@ -107,11 +105,13 @@ def build_runtime(
         ConfigError: no account (``POLYV_APP_ID``/``POLYV_APP_SECRET`` nor
             ``SMS_ACCOUNTS_FILE``), a malformed accounts file, or no ledger Redis
             (``SMS_REDIS_URL``).
+        LedgerUnavailable: the ledger's Redis did not answer within ``SMS_REDIS_OUTAGE`` (it
+            is asked whether it is a cluster node).
     """
     accounts = load_accounts(settings)
     if not accounts:
         settings.require_credentials()  # names the missing variables
-    client = connect_redis(settings.require_redis_url())
+    client = connect_redis(settings.require_redis_url(), wait_s=settings.redis_outage_s)
     # The first account (``default`` when POLYV_APP_ID is set) is also the runtime's own.
     first = accounts.get(DEFAULT_ACCOUNT) or next(iter(accounts.values()))
     built = _build_account(settings, first, client, clock=clock, rng=rng)
@@ -131,7 +131,7 @@ def build_runtime(
 def _build_account(
     settings: Settings,
     account: Account,
-    client: redis.Redis,
+    client: LedgerClient,
     *,
     clock: Callable[[], float],
     rng: random.Random | None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import uuid
 from typing import Any
@@ -24,11 +25,12 @@ from celery import Task, signals
 from celery.backends.redis import RedisBackend
 from celery.exceptions import Ignore, Reject, WorkerShutdown
 from celery.result import task_join_will_block
+from celery.utils.quorum_queues import detect_quorum_queues
 from kombu.exceptions import OperationalError
 
 from polyv_sms import background, metrics, routing
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
-from polyv_sms.errors import BrokerUnavailable, InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import BrokerUnavailable, InvalidRequest, LedgerBroken, LedgerUnavailable
 from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
@@ -156,7 +158,7 @@ def _retry_cap(settings: Settings) -> int:
     max_retries=None,
     acks_late=True,
     reject_on_worker_lost=True,
-    throws=(InvalidRequest,),
+    throws=(InvalidRequest, LedgerBroken),
 )
 def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Send one SMS notification to up to ``SMS_ACCOUNT_DAILY_LIMIT`` numbers.
@@ -182,7 +184,16 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         ``{"message_id", "results": [per number], "counts": {outcome: n}, "account",
         "lane"}``.
     """
-    runtime = get_runtime()
+    try:
+        runtime = get_runtime()
+    except LedgerUnavailable as exc:
+        # The ledger did not answer while the worker built its client: like any outage.
+        countdown = Settings.from_env().retry_backoff_max_s
+        log.warning("%s; retrying the task in %.1fs", exc, countdown)
+        raise self.retry(countdown=_broker_countdown(self, countdown)) from None
+    except LedgerBroken as exc:
+        log.error("task %s failed: %s", self.request.id, exc)
+        raise
     settings = runtime.settings
     limit = self.app.conf.get("polyv_sms_account_daily_limit") or settings.account_daily_limit
     request = validate_request(args, kwargs, account_daily_limit=limit)
@@ -197,6 +208,13 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         give_up = f"gave up after {retries} task retries"
     try:
         outcome = dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
+    except LedgerBroken as exc:
+        # Retrying would loop forever (MOVED to a plain client, WRONGTYPE, a script that keeps
+        # missing, a refused password): the task fails with the error. What the ledger already
+        # holds of the message stays; its pending entry, if any, brings it back through the
+        # reconciler once the ledger is fixed.
+        log.error("message %s failed: %s", key, exc)
+        raise
     except (LedgerUnavailable, redis.RedisError) as exc:
         # Retried through the broker like any transient failure: failing the task would drop
         # the message (acks_late acknowledges a failed task).
@@ -211,7 +229,10 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         outcome_reason = outcome.reason
     metrics.TASK_RETRIES.labels(outcome_reason).inc()
     try:
-        raise self.retry(countdown=countdown, **routing.retry_options(self.request, outcome_reason))
+        raise self.retry(
+            countdown=_broker_countdown(self, countdown),
+            **routing.retry_options(self.request, outcome_reason),
+        )
     except Reject as exc:
         # Celery rejects a task whose retry it could not publish without requeueing: the
         # broker deletes the message and the result says FAILURE, though the message is not
@@ -233,6 +254,19 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if known:
             raise Ignore() from None
         raise Reject(exc.reason, requeue=True) from None
+
+
+def _broker_countdown(task: SendSmsTask, countdown: float) -> float:
+    """``countdown`` as the broker can honour it.
+
+    RabbitMQ's native delayed delivery (quorum queues) delays by whole seconds and kombu rounds
+    down, refusing a countdown that rounds to 0 ("countdown must be a positive number"): there
+    a countdown is rounded up, to 1 s at least.
+    """
+    broker = str(task.app.conf.broker_url or "")
+    if broker.startswith(("amqp", "pyamqp")) and detect_quorum_queues(task.app, "amqp")[0]:
+        return float(max(1, math.ceil(countdown)))
+    return countdown
 
 
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:

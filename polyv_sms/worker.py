@@ -23,23 +23,36 @@ The settings and why (see docs/configuration.md):
   retry policy ride out a broker restart.
 - the threads pool: the work is waiting on HTTP and Redis.
 - task events off (Celery's default): each costs a broker publish; Flower enables them.
+- ``sentinel://`` URLs (this project's one form, see :class:`~polyv_sms.config.SentinelUrl`) are
+  translated into kombu's (``sentinel://h:p;sentinel://h:p``) plus the ``master_name``
+  transport option, for the broker and the result backend alike.
+- ``SMS_QUEUE_TYPE=quorum`` (RabbitMQ): queues declared ``x-queue-type: quorum`` on a topic
+  exchange, which Celery's native delayed delivery needs to hold countdown retries in RabbitMQ
+  (not in the worker's memory); publisher confirms on every RabbitMQ broker.
+- ``SMS_CELERY_CONFIG``: a module of Celery settings laid over these (its transport option
+  dicts are merged key by key), so a user's settings win. (``app.add_defaults`` shadows
+  ``config_from_object`` and ``celery --config``; only ``app.conf.update`` in code and this
+  module win over it.)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
 from polyv_sms import routing
 from polyv_sms.accounts import load_accounts, widest
-from polyv_sms.config import Settings
+from polyv_sms.config import Settings, parse_sentinel_url
 from polyv_sms.errors import ConfigError
 from polyv_sms.lanes import WORKER_QUEUES
 
-__all__ = ["QUEUE", "TASK_NAME", "WORKER_QUEUES", "app", "celery_config"]
+__all__ = ["QUEUE", "TASK_NAME", "WORKER_QUEUES", "app", "celery_config", "project_config"]
 
 log = logging.getLogger("polyv_sms.worker")
 
@@ -56,11 +69,27 @@ PUBLISH_RETRY_POLICY = {
 }
 
 
+#: Transport option dicts of a user's config module are merged into the project's key by key.
+_MERGED = ("broker_transport_options", "result_backend_transport_options")
+_AMQP = ("amqp", "amqps", "pyamqp")
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``."""
     settings = widest(settings)  # a message of any account fits (issue 12)
     visibility = {"visibility_timeout": int(settings.visibility_timeout_s)}
     broker_options: dict[str, Any] = dict(visibility)
+    result_options: dict[str, Any] = dict(visibility)
+    broker_url = settings.broker_url
+    if broker_url.startswith("sentinel:"):
+        sentinel = parse_sentinel_url(broker_url, "SMS_BROKER_URL")
+        broker_url = sentinel.kombu_url()
+        broker_options["master_name"] = sentinel.master_name
+    result_backend = settings.result_backend
+    if result_backend is not None and result_backend.startswith("sentinel:"):
+        sentinel = parse_sentinel_url(result_backend, "SMS_RESULT_BACKEND")
+        result_backend = sentinel.kombu_url()
+        result_options["master_name"] = sentinel.master_name
     if settings.broker_url.startswith(("redis", "rediss", "sentinel")):
         # Sweep for messages of dead workers often enough to honour a short visibility timeout.
         sweep = max(1, min(10, int(settings.visibility_timeout_s // 10)))
@@ -70,7 +99,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         broker_options["queue_order_strategy"] = "priority"
     time_limit = settings.task_time_limit_s
     config: dict[str, Any] = {
-        "broker_url": settings.broker_url,
+        "broker_url": broker_url,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -81,7 +110,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": broker_options,
-        "result_backend_transport_options": dict(visibility),
+        "result_backend_transport_options": result_options,
         "task_time_limit": time_limit,
         "task_soft_time_limit": time_limit - 5,
         "worker_soft_shutdown_timeout": 2 * settings.http_timeout_s + 5,
@@ -101,28 +130,89 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Accounts (issue 12): names and appIds the producer checks and stamps; no secret.
         **routing.producer_accounts(settings),
     }
-    if settings.result_backend is not None:
+    if result_backend is not None:
         # Left out otherwise: Celery then runs without a result backend (it has no amqp:// one).
-        config["result_backend"] = settings.result_backend
+        config["result_backend"] = result_backend
+    if urlsplit(settings.broker_url).scheme in _AMQP:
+        # RabbitMQ confirms each publish (a task, a retry) once it has it: kombu's publish
+        # returns only then, and raises if RabbitMQ refuses it.
+        broker_options["confirm_publish"] = True
+    if settings.queue_type == "quorum":
+        config |= {
+            # Every queue Celery declares (sms and any other it routes to) is a quorum queue
+            # on a topic exchange: native delayed delivery cannot route through a direct one.
+            "task_default_queue_type": "quorum",
+            "task_default_exchange_type": "topic",
+            "task_create_missing_queue_type": "quorum",
+            "task_create_missing_queue_exchange_type": "topic",
+            # Countdown retries wait in RabbitMQ's celery_delayed_* queues (quorum too), not
+            # in the worker (quorum queues have no global QoS for ETA tasks to lean on).
+            "broker_native_delayed_delivery_queue_type": "quorum",
+            "worker_detect_quorum_queues": True,
+        }
+    return config
+
+
+def _user_settings(name: str) -> dict[str, Any]:
+    """The Celery settings of the module ``SMS_CELERY_CONFIG`` names."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        raise ConfigError(f"SMS_CELERY_CONFIG={name!r} cannot be imported: {exc}") from None
+    return {
+        key: value
+        for key, value in vars(module).items()
+        if not key.startswith("_") and key.islower() and not isinstance(value, ModuleType)
+    }
+
+
+def project_config(settings: Settings) -> dict[str, Any]:
+    """The project's Celery configuration with the user's ``SMS_CELERY_CONFIG`` laid over it.
+
+    The user's settings win; their ``broker_transport_options`` and
+    ``result_backend_transport_options`` are merged into the project's key by key (so giving
+    ``sentinel_kwargs`` keeps the visibility timeout).
+    """
+    config = celery_config(settings)
+    if settings.celery_config_module:
+        for key, value in _user_settings(settings.celery_config_module).items():
+            if key in _MERGED and isinstance(value, dict):
+                config[key] = {**config.get(key, {}), **value}
+            else:
+                config[key] = value
     return config
 
 
 app = Celery("polyv_sms", include=["polyv_sms.tasks"])
-app.add_defaults(lambda: celery_config(Settings.from_env()))
+app.add_defaults(lambda: project_config(Settings.from_env()))
 
 
 @signals.worker_init.connect
 def _refuse_without_credentials(**_: Any) -> None:
-    """Stop a worker that could not send: no credentials, or no Redis for the ledger."""
+    """Stop a worker that could not send: no credentials, no Redis for the ledger, a ledger
+    that refuses us or holds something else, a Redis Cluster as broker. Wait (bounded) for a
+    ledger that does not answer yet: consuming without one would only queue up retries."""
+    from polyv_sms import preflight  # noqa: PLC0415 - only workers need it
+
     try:
         settings = Settings.from_env()
         if not load_accounts(settings):  # an accounts file may stand in for POLYV_APP_ID
             settings.require_credentials()
         settings.require_redis_url()
+        preflight.check_brokers(settings)
+        for queue in WORKER_QUEUES:
+            preflight.check_queue_type(settings, queue)
+        preflight.wait_for_ledger(settings, wait_s=settings.ledger_start_wait_s)
     except ConfigError as exc:
-        sys.stderr.write(f"polyv-sms worker: {exc}\n")
-        sys.stderr.flush()
-        raise SystemExit(78) from None  # EX_CONFIG
+        _exit(f"polyv-sms worker: {exc}", 78)  # EX_CONFIG
+    except preflight.LedgerUnreachable as exc:
+        _exit(f"polyv-sms worker: {exc}", preflight.EXIT_UNAVAILABLE)
+
+
+def _exit(line: str, code: int) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    raise SystemExit(code) from None
 
 
 @signals.worker_init.connect

@@ -46,12 +46,46 @@ def _command(service: dict) -> list[str]:
 
 def test_services_and_profiles(compose) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "simulator", "flower"}
+    assert set(services) == {
+        "redis",
+        "worker",
+        "simulator",
+        "flower",
+        "rabbitmq",
+        "worker-rabbitmq",
+    }
     # Redis and the worker run by default; the simulator and Flower only when asked for.
     assert "profiles" not in services["redis"]
     assert "profiles" not in services["worker"]
     assert services["simulator"]["profiles"] == ["tools"]
     assert services["flower"]["profiles"] == ["tools"]
+    assert services["rabbitmq"]["profiles"] == ["rabbitmq"]
+    assert services["worker-rabbitmq"]["profiles"] == ["rabbitmq"]
+
+
+def test_rabbitmq_profile_runs_quorum_queues(compose) -> None:
+    services = compose["services"]
+    rabbit = services["rabbitmq"]
+    assert rabbit["image"].startswith("rabbitmq:3.")  # quorum queues: RabbitMQ 3.8+
+    assert any(volume.endswith(":/var/lib/rabbitmq") for volume in rabbit["volumes"])
+    assert rabbit["volumes"][0].split(":")[0] in compose["volumes"]
+    worker = services["worker-rabbitmq"]
+    env = _environment(worker)
+    user = _environment(rabbit)
+    assert env["SMS_BROKER_URL"] == (
+        f"amqp://{user['RABBITMQ_DEFAULT_USER']}:{user['RABBITMQ_DEFAULT_PASS']}@rabbitmq:5672//"
+    )
+    assert env["SMS_QUEUE_TYPE"] == "quorum"
+    for name in ("SMS_RESULT_BACKEND", "SMS_REDIS_URL"):
+        assert env[name].startswith("redis://redis:6379/"), name
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert _command(worker) == _command(services["worker"])
+    # the settings are real: they build a configuration
+    from polyv_sms.config import Settings
+    from polyv_sms.worker import celery_config
+
+    config = celery_config(Settings.from_env(env))
+    assert config["task_default_queue_type"] == "quorum"
 
 
 def test_redis_keeps_data_and_never_evicts(compose) -> None:
@@ -108,7 +142,7 @@ def test_credentials_come_from_the_env_file(compose) -> None:
 
 def test_every_variable_set_is_documented(compose, example_variables, program) -> None:
     for name, service in compose["services"].items():
-        if name != "redis":
+        if name not in ("redis", "rabbitmq"):
             assert set(_environment(service)) <= example_variables, name
     dockerfile_env = set(
         re.findall(r"^ENV (SMS_\w+|POLYV_\w+)=", (ROOT / "Dockerfile").read_text(), re.M)
@@ -127,7 +161,9 @@ def test_tools_use_the_same_image_and_commands(compose) -> None:
     assert f"127.0.0.1:{port}:{port}" in services["simulator"]["ports"]
     flower = _command(services["flower"])
     assert flower[:4] == ["celery", "-A", "polyv_sms.worker", "flower"]
-    images = {services[name]["image"] for name in ("worker", "simulator", "flower")}
+    images = {
+        services[name]["image"] for name in ("worker", "worker-rabbitmq", "simulator", "flower")
+    }
     assert images == {"polyv-sms:latest"}
     assert all(services[name]["build"] == "." for name in ("worker", "simulator", "flower"))
 

@@ -9,7 +9,7 @@ from celery import Celery
 from celery.backends.base import DisabledBackend
 
 from polyv_sms.backoff import backoff_delay
-from polyv_sms.config import Secret, Settings
+from polyv_sms.config import Secret, Settings, parse_sentinel_url
 from polyv_sms.errors import ConfigError
 from polyv_sms.worker import celery_config
 
@@ -123,13 +123,77 @@ def test_a_redis_broker_is_also_ledger_and_result_backend(broker: str) -> None:
     assert celery_config(settings)["result_backend"] == broker
 
 
-def test_a_sentinel_broker_needs_a_ledger_url_but_serves_results() -> None:
-    # sentinel:// is a Celery URL, not one redis-py can open for the ledger.
-    settings = Settings.from_env({"SMS_BROKER_URL": "sentinel://localhost:26379"})
-    assert settings.redis_url is None
-    assert settings.result_backend == "sentinel://localhost:26379"
-    with pytest.raises(ConfigError, match="SMS_REDIS_URL"):
-        settings.require_redis_url()
+def test_one_sentinel_url_serves_the_ledger_the_broker_and_the_results() -> None:
+    # Issue 11: sentinel://host:port alone used to be accepted, then the worker died without
+    # a master name. One form now, with the master's name, for all three.
+    url = "sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/3"
+    settings = Settings.from_env({"SMS_BROKER_URL": url})
+    assert settings.redis_url == url
+    assert settings.result_backend == url
+    parsed = parse_sentinel_url(url)
+    assert parsed.sentinels == (("127.0.0.1", 26379), ("127.0.0.1", 26380))
+    assert (parsed.master_name, parsed.db, parsed.password) == ("mymaster", 3, "pw")
+    assert "pw" not in repr(parsed)
+    assert parsed.kombu_url() == (
+        "sentinel://:pw@127.0.0.1:26379/3;sentinel://:pw@127.0.0.1:26380/3"
+    )
+    config = celery_config(settings)
+    assert config["broker_url"] == parsed.kombu_url()
+    assert config["broker_transport_options"]["master_name"] == "mymaster"
+    assert config["result_backend"] == parsed.kombu_url()
+    assert config["result_backend_transport_options"]["master_name"] == "mymaster"
+    assert parse_sentinel_url("sentinel://h/m").sentinels == (("h", 26379),)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "problem"),
+    [
+        ("SMS_BROKER_URL", "sentinel://localhost:26379", "master's name"),
+        ("SMS_BROKER_URL", "sentinel://localhost:26379/0", "master's name"),
+        ("SMS_REDIS_URL", "sentinel://localhost:26379/m/x", "database 'x'"),
+        ("SMS_RESULT_BACKEND", "sentinel://a:1;sentinel://b:2", "kombu's own"),
+        ("SMS_REDIS_URL", "sentinel://a:port/m", "not a number"),
+        ("SMS_REDIS_URL", "sentinel://:hunter2@a:1/", "master's name"),
+    ],
+)
+def test_a_bad_sentinel_url_names_its_variable(variable: str, url: str, problem: str) -> None:
+    env = {variable: url}
+    if variable != "SMS_BROKER_URL":
+        env["SMS_BROKER_URL"] = "redis://127.0.0.1:1/0"
+    with pytest.raises(ConfigError, match=variable) as caught:
+        Settings.from_env(env)
+    assert problem in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_quorum_queues_need_rabbitmq_and_set_up_delayed_delivery() -> None:
+    with pytest.raises(ConfigError, match="SMS_QUEUE_TYPE=quorum needs a RabbitMQ"):
+        Settings.from_env({"SMS_QUEUE_TYPE": "quorum"})
+    with pytest.raises(ConfigError, match="SMS_QUEUE_TYPE='lazy'"):
+        Settings.from_env({"SMS_QUEUE_TYPE": "lazy"})
+    amqp = {"SMS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}
+    classic = celery_config(Settings.from_env(amqp))
+    assert "task_default_queue_type" not in classic
+    assert classic["broker_transport_options"]["confirm_publish"] is True
+    quorum = celery_config(Settings.from_env({**amqp, "SMS_QUEUE_TYPE": "quorum"}))
+    assert quorum["task_default_queue_type"] == "quorum"
+    assert quorum["task_default_exchange_type"] == "topic"
+    assert quorum["task_create_missing_queue_type"] == "quorum"
+    assert quorum["broker_native_delayed_delivery_queue_type"] == "quorum"
+    assert quorum["broker_transport_options"]["confirm_publish"] is True
+
+
+def test_retry_backoff_max_is_checked_against_rabbitmqs_consumer_timeout() -> None:
+    amqp = {"SMS_BROKER_URL": "amqp://127.0.0.1//", "SMS_VISIBILITY_TIMEOUT": "86400"}
+    with pytest.raises(ConfigError, match="SMS_RABBITMQ_CONSUMER_TIMEOUT=1800"):
+        Settings.from_env({**amqp, "SMS_RETRY_BACKOFF_MAX": "1700"})
+    # Quorum queues hold a countdown retry in RabbitMQ, not unacknowledged in the worker.
+    Settings.from_env({**amqp, "SMS_RETRY_BACKOFF_MAX": "1700", "SMS_QUEUE_TYPE": "quorum"})
+    # A Redis broker has no consumer_timeout.
+    Settings.from_env({"SMS_RETRY_BACKOFF_MAX": "1700", "SMS_VISIBILITY_TIMEOUT": "86400"})
+    Settings.from_env(
+        {**amqp, "SMS_RETRY_BACKOFF_MAX": "1700", "SMS_RABBITMQ_CONSUMER_TIMEOUT": "7200"}
+    )
 
 
 def test_missing_credentials_name_both_variables() -> None:

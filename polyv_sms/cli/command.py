@@ -34,7 +34,7 @@ from polyv_sms.cli.sending import (
     wait_result,
 )
 from polyv_sms.config import Settings
-from polyv_sms.errors import ConfigError, InvalidRequest, LedgerUnavailable
+from polyv_sms.errors import ConfigError, InvalidRequest, LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger import connect_redis, stored_requests
 from polyv_sms.ledger.receipts import Receipts
 
@@ -61,6 +61,8 @@ class _Group(click.Group):
             raise CliUsageError(in_cli_words(str(exc))) from None
         except LedgerUnavailable as exc:
             raise CliError(f"{exc} (SMS_REDIS_URL)") from None
+        except LedgerBroken as exc:
+            raise CliError(str(exc)) from None
         except redis.RedisError as exc:
             raise CliError(f"Redis: {type(exc).__name__}: {exc}") from None
 
@@ -110,7 +112,8 @@ def _receipts(account: str = "default") -> Receipts:
     settings = replace(settings, redis_outage_s=min(settings.redis_outage_s, CLI_REDIS_OUTAGE_S))
     # One error line at the end says it; no warning per retry on the way.
     logging.getLogger("polyv_sms.ledger").setLevel(logging.ERROR)
-    return Receipts(build_ledger(settings, connect_redis(settings.require_redis_url())))
+    client = connect_redis(settings.require_redis_url(), wait_s=settings.redis_outage_s)
+    return Receipts(build_ledger(settings, client))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,6 +7,7 @@ the reconciler is handed the function that enqueues a message again.
 
 from __future__ import annotations
 
+from polyv_sms.ledger.connection import LedgerClient
 from polyv_sms.ledger.records import (
     FINAL_STATES,
     REQUEST_PREFIX,
@@ -24,6 +25,7 @@ __all__ = [
     "REQUEST_PREFIX",
     "Keys",
     "Ledger",
+    "LedgerClient",
     "NumberState",
     "Reservation",
     "Settlement",

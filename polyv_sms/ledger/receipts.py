@@ -64,7 +64,8 @@ class Receipts:
                 broker is not Redis.
         """
         settings = Settings.from_env()
-        return cls(build_ledger(settings, connect_redis(settings.require_redis_url())))
+        client = connect_redis(settings.require_redis_url(), wait_s=settings.redis_outage_s)
+        return cls(build_ledger(settings, client))
 
     def _hash(self, key: str) -> dict[str, str]:
         ledger = self.ledger

@@ -36,11 +36,15 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from polyv_sms.config import Settings
-from polyv_sms.errors import LedgerUnavailable
+from polyv_sms.errors import LedgerBroken, LedgerUnavailable
+from polyv_sms.ledger.connection import (
+    DEFAULT_REDIS_CONNECT_TIMEOUT_S,
+    DEFAULT_REDIS_SOCKET_TIMEOUT_S,
+    LedgerClient,
+    connect_redis,
+)
 from polyv_sms.ledger.records import (
     REQUEST_PREFIX,
     Keys,
@@ -51,12 +55,17 @@ from polyv_sms.ledger.records import (
     parse_states,
 )
 
-__all__ = ["Ledger", "build_ledger", "connect_redis", "load_script"]
+__all__ = [
+    "DEFAULT_REDIS_CONNECT_TIMEOUT_S",
+    "DEFAULT_REDIS_SOCKET_TIMEOUT_S",
+    "Ledger",
+    "build_ledger",
+    "connect_redis",
+    "load_script",
+]
 
 log = logging.getLogger("polyv_sms.ledger")
 
-DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
-DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 _T = TypeVar("_T")
 _USES_RECORD_HELPERS = frozenset({"reserve", "settle"})
 #: Errors a Redis restart, failover or a full Redis produce; they pass, so the call is retried
@@ -68,6 +77,21 @@ _REDIS_OUTAGE_ERRORS = (
     redis.BusyLoadingError,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
+    # A Redis Cluster while slots move or a master fails over; a Sentinel's master lost.
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.SlotNotCoveredError,
+)
+#: Errors retrying will not clear: a wrong password or missing permission, a redirection the
+#: client cannot follow (a cluster node behind a plain client), a key of the wrong type, a
+#: script error. Any other ``ResponseError`` is one too; ``BUSY`` (a long script) is not.
+_BROKEN_ERRORS = (
+    redis.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.ResponseError,
+    redis.DataError,
 )
 _OUTAGE_WAIT_FIRST_S = 0.05
 _OUTAGE_WAIT_MAX_S = 1.0
@@ -85,27 +109,6 @@ def load_script(name: str) -> str:
     return source
 
 
-def connect_redis(
-    url: str,
-    *,
-    socket_timeout: float = DEFAULT_REDIS_SOCKET_TIMEOUT_S,
-    connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S,
-) -> redis.Redis:
-    """A Redis client for the ledger with explicit timeouts (redis-py 8 changed the defaults).
-
-    Connecting is lazy: nothing happens until the first command.
-    """
-    client: redis.Redis = redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-    )
-    return client
-
-
 @functools.lru_cache(maxsize=16)  # strptime is slow, and a day is asked for all day
 def _days_after(tz: ZoneInfo, day: str, days: int) -> int:
     """The start of ``day`` (``YYYYMMDD`` in ``tz``) plus ``days`` days, in unix seconds."""
@@ -117,7 +120,8 @@ class Ledger:
     """Quota reservation and settlement for one Polyv account.
 
     Args:
-        client: a Redis client with ``decode_responses=True`` (see :func:`connect_redis`).
+        client: a Redis, Redis Cluster or Sentinel-managed client with
+            ``decode_responses=True`` (see :func:`connect_redis`).
         app_id: the account; it is the keys' hash tag.
         phone_daily_limit: accepted sends per number per day.
         account_daily_limit: accepted sends per account per day.
@@ -132,7 +136,7 @@ class Ledger:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: LedgerClient,
         app_id: str,
         *,
         phone_daily_limit: int,
@@ -175,15 +179,23 @@ class Ledger:
         not tenacity: this is on every message's path, and tenacity's bookkeeping costs more
         than the loop.)
 
+        An error that retrying will not clear (see :class:`~polyv_sms.errors.LedgerBroken`)
+        is raised at once: retried through the broker, it would loop forever.
+
         Raises:
             LedgerUnavailable: Redis stayed unreachable for the whole outage budget.
+            LedgerBroken: Redis answered with an error that will not clear.
         """
         started = time.monotonic()
         attempt = 1
         while True:
             try:
                 return fn(*args, **kwargs)
-            except _REDIS_OUTAGE_ERRORS as exc:
+            except (*_REDIS_OUTAGE_ERRORS, *_BROKEN_ERRORS) as exc:
+                if _never_clears(exc):
+                    raise LedgerBroken(
+                        f"ledger Redis (SMS_REDIS_URL): {type(exc).__name__}: {exc}"
+                    ) from exc
                 if time.monotonic() - started >= self.outage_s:
                     kind = type(exc).__name__
                     raise LedgerUnavailable(f"ledger Redis unavailable: {kind}") from exc
@@ -373,8 +385,19 @@ class Ledger:
         return found
 
 
+def _never_clears(exc: Exception) -> bool:
+    """Whether retrying ``exc`` is pointless (see ``_BROKEN_ERRORS``)."""
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return True  # (both are ConnectionErrors to redis-py)
+    if isinstance(exc, _REDIS_OUTAGE_ERRORS):
+        return False
+    # BUSY: another script runs too long; it ends or is killed, so waiting helps.
+    # NOREPLICAS: a master with min-replicas-to-write refuses writes until a replica is back.
+    return not str(exc).startswith(("BUSY", "NOREPLICAS"))
+
+
 def build_ledger(
-    settings: Settings, client: redis.Redis, *, clock: Callable[[], float] = time.time
+    settings: Settings, client: LedgerClient, *, clock: Callable[[], float] = time.time
 ) -> Ledger:
     """The ledger of the configured account (no credentials needed: only the appId)."""
     if not settings.app_id:

@@ -1,0 +1,155 @@
+"""The ledger's Redis client: one Redis, a Redis Cluster or a Redis behind Sentinel.
+
+:func:`connect_redis` takes ``SMS_REDIS_URL`` and returns the client redis-py made for it:
+
+- ``redis://host:port/0`` of a plain Redis: :class:`redis.Redis`;
+- ``redis://host:port/0`` of any node of a Redis Cluster (found out with ``INFO cluster``):
+  :class:`redis.cluster.RedisCluster`, which learns the slot map from that node and follows
+  ``MOVED``/``ASK`` redirections while slots move (a reshard). Every ledger key of an account
+  carries the hash tag ``{appId}``, so each Lua script and each pipeline touches one slot;
+- ``sentinel://[:password@]host:port[,host:port...]/MASTER_NAME[/DB]``: the master that
+  :class:`redis.sentinel.Sentinel` names, asked again after a failover.
+
+No cluster or failover logic lives here: redis-py does it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, TypeAlias
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from polyv_sms.config import parse_sentinel_url
+from polyv_sms.errors import ConfigError, LedgerUnavailable
+
+__all__ = [
+    "DEFAULT_REDIS_CONNECT_TIMEOUT_S",
+    "DEFAULT_REDIS_SOCKET_TIMEOUT_S",
+    "LedgerClient",
+    "connect_redis",
+    "is_cluster_node",
+]
+
+log = logging.getLogger("polyv_sms.ledger")
+
+DEFAULT_REDIS_SOCKET_TIMEOUT_S = 5.0
+DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
+#: Finding out whether ``SMS_REDIS_URL`` is a cluster node waits this long for it by default.
+DEFAULT_DETECT_WAIT_S = 30.0
+_DETECT_PAUSE_S = 0.5
+
+#: What :func:`connect_redis` returns; both have the commands the ledger uses.
+LedgerClient: TypeAlias = redis.Redis | RedisCluster
+
+
+def _options(socket_timeout: float, connect_timeout: float) -> dict[str, Any]:
+    return {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "health_check_interval": 30,
+    }
+
+
+def is_cluster_node(client: redis.Redis) -> bool:
+    """Whether the Redis ``client`` talks to runs in cluster mode (``INFO cluster``).
+
+    Raises:
+        redis.RedisError: Redis could not be asked (unreachable, authentication).
+    """
+    info = client.info("cluster")
+    return bool(int(info.get("cluster_enabled", 0) or 0))
+
+
+def connect_redis(
+    url: str,
+    *,
+    socket_timeout: float = DEFAULT_REDIS_SOCKET_TIMEOUT_S,
+    connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT_S,
+    wait_s: float = DEFAULT_DETECT_WAIT_S,
+    variable: str = "SMS_REDIS_URL",
+) -> LedgerClient:
+    """A client for the ledger's Redis at ``url``, with explicit timeouts.
+
+    A ``redis://`` URL is asked once whether it is a cluster node (waiting up to ``wait_s``
+    while it is unreachable); a ``sentinel://`` URL connects lazily, on the first command.
+
+    Args:
+        url: ``SMS_REDIS_URL``.
+        socket_timeout: seconds a command may wait for its answer.
+        connect_timeout: seconds a connection may take.
+        wait_s: how long to wait for an unreachable ``redis://`` Redis to answer the cluster
+            question; 0 asks once.
+        variable: the setting ``url`` came from, for error messages.
+
+    Raises:
+        LedgerUnavailable: a ``redis://`` Redis stayed unreachable for ``wait_s``.
+        ConfigError: a cluster URL names a database other than 0, or the URL is malformed.
+        redis.AuthenticationError: the password is wrong or missing.
+    """
+    options = _options(socket_timeout, connect_timeout)
+    if url.startswith("sentinel:"):
+        return _sentinel_master(url, options, variable)
+    plain: redis.Redis = redis.Redis.from_url(
+        url, **options, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    )
+    if url.startswith("unix:") or not _ask_cluster(plain, url, wait_s):
+        return plain
+    db = plain.connection_pool.connection_kwargs.get("db", 0)
+    plain.close()
+    if db:
+        raise ConfigError(f"{variable}: a Redis Cluster has database 0 only, not {db}")
+    log.info("ledger Redis is a cluster node: using a cluster client")
+    cluster: RedisCluster = RedisCluster.from_url(url, **options)
+    return cluster
+
+
+def _ask_cluster(client: redis.Redis, url: str, wait_s: float) -> bool:
+    started = time.monotonic()
+    while True:
+        try:
+            return is_cluster_node(client)
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError):
+            raise  # (ConnectionErrors to redis-py, but waiting will not fix a password)
+        except redis.ResponseError as exc:
+            if "not allowed in cluster mode" in str(exc):
+                return True  # SELECT of a database other than 0, on a cluster node
+            unknown = str(exc).startswith("unknown command")
+            if not (unknown or isinstance(exc, redis.exceptions.NoPermissionError)):
+                raise
+            # An ACL user without INFO, or a Redis-compatible server without it (a proxy,
+            # fakeredis): take it for a plain Redis. (On a cluster node, the first MOVED then
+            # fails the message loudly, naming SMS_REDIS_URL.)
+            say = log.debug if unknown else log.warning
+            say("SMS_REDIS_URL: INFO cluster refused (%s); assuming a plain Redis", exc)
+            return False
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            if time.monotonic() - started >= wait_s:
+                raise LedgerUnavailable(f"ledger Redis unavailable: {type(exc).__name__}") from exc
+            time.sleep(_DETECT_PAUSE_S)
+
+
+def _sentinel_master(url: str, options: dict[str, Any], variable: str) -> redis.Redis:
+    parsed = parse_sentinel_url(url, variable)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.sentinels),
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+    )
+    # The master's pool asks the sentinels again when its master stops answering or turns
+    # read-only (a failover); the ledger's outage budget rides out the switch.
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        parsed.master_name,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        **options,
+    )
+    return master
