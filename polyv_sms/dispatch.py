@@ -19,12 +19,15 @@ from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
     AmbiguousSend,
+    InvalidRequest,
     PermanentError,
+    PolyvUnavailable,
     RateLimited,
     TransientError,
     UnexpectedResponse,
 )
 from polyv_sms.ledger import Ledger, NumberState, Settlement
+from polyv_sms.ledger.journal import Journal
 from polyv_sms.polyv.client import (
     KNOWN_STATUSES,
     STATUS_ACCEPTED,
@@ -75,6 +78,19 @@ class _Run:
     retry_in: float | None = None
 
 
+def _answered_server_error(exc: TransientError) -> bool:
+    """True for an HTTP 5xx answer (the request reached Polyv), not a connect failure.
+
+    The client raises :class:`PolyvUnavailable` for both; only the answer's names its HTTP
+    status ("Polyv answered HTTP 503 ...").
+    """
+    return (
+        isinstance(exc, PolyvUnavailable)
+        and not isinstance(exc, AmbiguousSend)
+        and str(exc).startswith("Polyv answered HTTP")
+    )
+
+
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -93,6 +109,8 @@ class Dispatcher:
             ``False`` such numbers end ``failed`` instead (at-most-once).
         rng: jitter source.
         clock: the current time in seconds.
+        journal: where Polyv's answers are kept until the ledger has them (see
+            :mod:`polyv_sms.ledger.journal`); ``None``: no journal.
     """
 
     def __init__(
@@ -106,7 +124,9 @@ class Dispatcher:
         retry_ambiguous: bool = True,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        journal: Journal | None = None,
     ) -> None:
+        self.journal = journal
         self.ledger = ledger
         self.client = client
         self.max_attempts = max_attempts
@@ -139,7 +159,16 @@ class Dispatcher:
 
         Returns:
             The result, or when to run again.
+
+        Raises:
+            InvalidRequest: the message id was used before with another content; nothing
+                was sent.
+            LedgerUnavailable: the ledger could not be reached (nothing was sent).
         """
+        if self.journal is not None:
+            # An answer of this message still in this host's journal goes to the ledger
+            # first: the numbers it answers must not be sent again from here.
+            self.journal.replay(self.ledger, message_id)
         checks = [check_phone(n) for n in request.phone_numbers]
         run = _Run(message_id, uuid.uuid4().hex, checks, give_up=give_up)
         # A dict keeps the first occurrence's order and checks membership in O(1) (a list
@@ -154,7 +183,9 @@ class Dispatcher:
         valid = list(distinct)
         meta = {
             "task_id": task_id,
-            "phone_numbers": [c.raw for c in run.checks],
+            # The input as given, not the checks' display text: a re-enqueued message must be
+            # the same request (a cut text could normalise to a valid number).
+            "phone_numbers": list(request.phone_numbers),
             "template_param_names": list(request.template_param_names),
             "template_param_values": list(request.template_param_values),
             "created_at": round(self.clock(), 3),
@@ -175,6 +206,12 @@ class Dispatcher:
                 token=run.token,
                 meta=meta if first else None,
             )
+            if reservation.conflict:
+                raise InvalidRequest(
+                    f"message_id {message_id!r} was already used for another content (numbers, "
+                    "template names or values); one message id is one request: use a new "
+                    "message id"
+                )
             if reservation.busy_for_s is not None:
                 # The holder usually settles within one HTTP timeout; look again then.
                 wait = min(reservation.busy_for_s, self.client.timeout)
@@ -213,8 +250,11 @@ class Dispatcher:
             if s.state == "exhausted"
         ]
         delay = 0.0
+        journaled = None
         if to_send:
             sent = self._send(run, request, to_send)
+            granted = {s.number: s.attempts for s in reserved}
+            sent = [item._replace(attempt=granted[item.number]) for item in sent]
             delay = self.backoff(max(run.states[n].attempts for n in to_send))
             if any(item.action == "rate_limited" for item in sent):
                 # Polyv blocks an IP that exceeds its rate for 5 minutes: sooner is wasted.
@@ -223,9 +263,25 @@ class Dispatcher:
             items += sent
         if items:
             days = {s.number: s.day for s in reserved}
+            now = self.clock()
+            # The run's longest delay so far, not this chunk's: a later chunk must not bring
+            # the reconciler's due time for the message forward of an earlier chunk's.
+            retry_at = now + max(delay, run.retry_in or 0.0)
+            if to_send and self.journal is not None:
+                # On disk before the settle is attempted: an answer read is never lost, even
+                # if the ledger stays down or this process dies (see ledger/journal.py).
+                journaled = self.journal.record(
+                    run.message_id,
+                    items,
+                    days=days,
+                    token=run.token,
+                    retry_at=retry_at,
+                    now=now,
+                )
             _, settled = self.ledger.settle(
-                run.message_id, items, days=days, token=run.token, retry_at=self.clock() + delay
+                run.message_id, items, days=days, token=run.token, retry_at=retry_at, now=now
             )
+            Journal.done(journaled)
             run.states.update((s.number, s) for s in settled)
 
     def _send(self, run: _Run, request: SmsRequest, numbers: list[str]) -> list[Settlement]:
@@ -242,8 +298,9 @@ class Dispatcher:
         except UnexpectedResponse as exc:
             metrics.observe_request(time.perf_counter() - started, "unexpected", len(numbers))
             if exc.response is None:
-                # An answer we cannot read may still mean Polyv sent it: keep the unit.
-                return self._retry_all(numbers, "retry_keep", str(exc))
+                # An answer we cannot read may still mean Polyv sent it: keep the unit (and
+                # at most once, send it no more).
+                return self._retry_all(numbers, self._maybe_sent_action, str(exc))
             response = exc.response
         except RateLimited as exc:
             metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
@@ -254,10 +311,19 @@ class Dispatcher:
             return self._retry_all(numbers, action, str(exc))
         except TransientError as exc:
             metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
+            if _answered_server_error(exc):
+                # An HTTP 5xx is an answer: Polyv may have processed the request first.
+                return self._retry_all(numbers, self._maybe_sent_action, str(exc))
             return self._retry_all(numbers, "retry", str(exc))
         else:
             metrics.observe_request(time.perf_counter() - started, "answered", len(numbers))
         return self._map_statuses(numbers, response)
+
+    @property
+    def _maybe_sent_action(self) -> str:
+        """What a number that Polyv may have sent becomes: retried at least once, or at most
+        once ended ``failed`` (its unit kept)."""
+        return "retry_keep" if self.retry_ambiguous else "fail_keep"
 
     def _retry_all(self, numbers: list[str], action: str, error: str) -> list[Settlement]:
         metrics.count_retries("transport", len(numbers))
@@ -272,9 +338,8 @@ class Dispatcher:
         for number in numbers:
             answer = answers.get(number)
             if answer is None:
-                items.append(
-                    Settlement(number, "retry_keep", error="Polyv's answer did not mention it")
-                )
+                error = "Polyv's answer did not mention it (or its entry did not parse)"
+                items.append(Settlement(number, self._maybe_sent_action, error=error))
                 retried += 1
                 continue
             status = answer.status
@@ -308,18 +373,26 @@ class Dispatcher:
 
         Nothing is reserved: a number still reserved gets its unit back when its last attempt
         was a plain status 11 (Polyv did not send it) and keeps it otherwise (it may have).
+        A lease left on the message means a run took an attempt and never settled it: its
+        numbers' last status is from an earlier attempt, so no unit is given back then; and
+        each settle names the attempt it saw, so a number that moved on meanwhile is left alone.
         """
         assert run.give_up is not None
         known = self.ledger.peek(run.message_id, [*numbers, *invalid])
+        unsettled = self.ledger.lease_holder(run.message_id) is not None
         items = [Settlement(raw, "invalid", error=reason) for raw, reason in invalid.items()]
         for number in numbers:
             state = known.get(number)
             if state is None:
                 items.append(Settlement(number, "fail", error=run.give_up))
             elif not state.final:
-                refund = state.status == STATUS_UPSTREAM_FAILED
+                refund = state.status == STATUS_UPSTREAM_FAILED and not unsettled
                 action = "fail" if refund else "fail_keep"
-                items.append(Settlement(number, action, state.status, error=run.give_up))
+                items.append(
+                    Settlement(
+                        number, action, state.status, error=run.give_up, attempt=state.attempts
+                    )
+                )
         run.states.update(known)
         if items:
             self._settle_unsent(run, items, known)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import redis
 
-from polyv_sms.config import Settings
+from polyv_sms.config import JOURNAL_DIR_ENV, Settings
 from polyv_sms.dispatch import Dispatcher
+from polyv_sms.errors import ConfigError
 from polyv_sms.ledger import Ledger, build_ledger, connect_redis
+from polyv_sms.ledger.journal import Journal
 from polyv_sms.polyv.client import PolyvClient
 
 __all__ = ["Runtime", "build_runtime", "get_runtime", "set_runtime"]
@@ -32,6 +34,7 @@ class Runtime:
     ledger: Ledger
     client: PolyvClient
     dispatcher: Dispatcher
+    journal: Journal | None = None
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -60,9 +63,18 @@ def build_runtime(
     """Build the runtime for ``settings``.
 
     Raises:
-        ConfigError: the credentials or the ledger's Redis (``SMS_REDIS_URL``) are missing.
+        ConfigError: the credentials or the ledger's Redis (``SMS_REDIS_URL``) are missing,
+            or the journal's directory (``SMS_JOURNAL_DIR``) cannot be created.
     """
     app_id, secret = settings.require_credentials()
+    journal = None
+    if settings.journal_dir:
+        try:
+            journal = Journal(settings.journal_dir, app_id)
+        except OSError as exc:
+            raise ConfigError(
+                f"{JOURNAL_DIR_ENV}={settings.journal_dir!r}: cannot create the journal ({exc})"
+            ) from None
     client = connect_redis(settings.require_redis_url())
     ledger = build_ledger(settings, client, clock=clock)
     polyv = PolyvClient(
@@ -82,8 +94,9 @@ def build_runtime(
         retry_ambiguous=settings.retry_ambiguous,
         rng=rng,
         clock=clock,
+        journal=journal,
     )
-    return Runtime(settings, client, ledger, polyv, dispatcher)
+    return Runtime(settings, client, ledger, polyv, dispatcher, journal)
 
 
 _lock = threading.Lock()

@@ -140,9 +140,11 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # drop the broker's copy without a result (Ignore) and let the reconciler enqueue it
         # again when it is overdue. Before that - the ledger was unreachable - the broker's
         # copy is the only one: requeue it (or, if the broker refuses even that, it stays
-        # unacknowledged until the visibility timeout).
+        # unacknowledged until the visibility timeout). The same for a run that found the
+        # message busy: the run holding it may finish every number, and then nothing in the
+        # ledger would bring this task (and its caller's result) back.
         metrics.TASK_RETRIES.labels("publish_failed").inc()
-        known = outcome_reason != "ledger"
+        known = outcome_reason not in ("ledger", "busy")
         log.error(
             "message %s: the retry could not be published (%s); %s",
             key,
