@@ -278,6 +278,8 @@ else
 end
 if failed then
   redis.call('ZADD', dead, now, message_id)
+  -- Trimmed here: entries older than the records' TTL name messages whose records are gone.
+  redis.call('ZREMRANGEBYSCORE', dead, '-inf', '(' .. (tonumber(now) - 1000 * tonumber(ttl)))
 elseif revived then
   -- The message leaves the dead set once no number of it is failed any more.
   local still_failed = false
