@@ -205,6 +205,7 @@ class Dispatcher:
                 invalid.items() if first else (),
                 token=run.token,
                 meta=meta if first else None,
+                resend_unsettled=self.retry_ambiguous,
             )
             if reservation.conflict:
                 raise InvalidRequest(
@@ -248,6 +249,17 @@ class Dispatcher:
             )
             for s in reserved
             if s.state == "exhausted"
+        ]
+        items += [
+            Settlement(
+                s.number,
+                "fail_keep",
+                s.status,
+                error="its last attempt never reported back (the run sending it was lost); "
+                "Polyv may have sent it, and at most once it is not sent again",
+            )
+            for s in reserved
+            if s.state == "unsettled"
         ]
         delay = 0.0
         journaled = None

@@ -527,3 +527,27 @@ def test_a_negative_number_is_invalid(value: object) -> None:
     assert check.number is None
     assert check.reason == "is negative (starts with a minus sign)"
     assert check_phone(HUGE).number is None
+
+
+def test_at_most_once_a_number_whose_run_was_lost_mid_send_is_not_sent_again(
+    client, account, clock
+) -> None:
+    """A worker killed (or stuck) mid-send leaves its lease; at most once, the run that takes
+    over ends that number failed (unit kept) instead of sending it a second time."""
+    with PolyvSimulator(*account, clock=clock) as sim:
+        d = make(client, account, sim.url, clock, retry_ambiguous=False)
+        req = request([N1, N2], "lost")
+        lost = d.ledger.reserve("lost", [N1], token="killed-mid-send")  # N1 went out, then...
+        assert lost.states[0].state == "send"
+        clock.now += d.ledger.lease_s + 1
+        for _ in range(20):
+            outcome = d.run(req, message_id="lost", task_id="t")
+            if outcome.result is not None:
+                break
+            clock.now += outcome.retry_in or 0
+        assert outcome.result is not None
+        assert sim.received(N1) == 0
+        assert sim.received(N2) == 1
+    assert outcome_of(outcome.result, N1)["outcome"] == "failed"
+    assert outcome_of(outcome.result, N2)["outcome"] == "accepted"
+    assert quota(d.ledger, d.ledger.day()) == {N1: 1, N2: 1, "_total": 2}

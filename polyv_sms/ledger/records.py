@@ -67,7 +67,8 @@ class NumberState(NamedTuple):
     Attributes:
         number: the normalised number (or the input text of an invalid one).
         state: ``reserved``, a final outcome, or (from ``reserve`` only) ``send`` when this
-            attempt is granted and ``exhausted`` when no attempt is left.
+            attempt is granted, ``exhausted`` when no attempt is left and ``unsettled`` (at
+            most once) when the run that sent its last attempt was lost before it settled.
         day: the day (``YYYYMMDD``) the quota unit was taken from.
         attempts: Polyv requests that carried this number for this message.
         status: Polyv's last per-number status, if any.

@@ -239,6 +239,7 @@ class Ledger:
         *,
         token: str,
         meta: Mapping[str, object] | None = None,
+        resend_unsettled: bool = True,
     ) -> Reservation:
         """Take a quota unit for each new number and grant this attempt to reserved ones.
 
@@ -252,6 +253,8 @@ class Ledger:
                 ``template_param_names``, ``template_param_values``), stored once per task,
                 for the reconciler and ``dead --requeue``. Its content is the message's: a
                 message id first reserved with another content is refused.
+            resend_unsettled: ``False`` at most once: a number whose last attempt's run was
+                lost before it settled gets the verdict ``unsettled`` instead of an attempt.
 
         Returns:
             The decision for each number, in order; ``conflict`` is set (and nothing was
@@ -279,6 +282,7 @@ class Ledger:
             len(invalid),
             content_fingerprint(meta) if meta else "",
             int(self.takeover_grace_s * 1000),
+            "" if resend_unsettled else "1",
             *numbers,
         ]
         for text, reason in invalid:

@@ -27,8 +27,10 @@ ARGV[15] m: how many invalid (number, reason) pairs follow them
 ARGV[16] the content's fingerprint (sha256 of the numbers, names and values as given), or ""
 ARGV[17] takeover grace (ms): how long an expired lease is left to its holder, counted from
          the first reserve that saw it expired, before another run takes the numbers over
-ARGV[18 .. 17+n]           the valid numbers (normalised, 11 digits)
-ARGV[18+n .. 17+n+2m]      invalid number text, reason
+ARGV[18] "1" at most once (SMS_RETRY_AMBIGUOUS=false): a number whose last attempt was never
+         settled (its run's lease ran out) is not sent again: verdict "unsettled"
+ARGV[19 .. 18+n]           the valid numbers (normalised, 11 digits)
+ARGV[19+n .. 18+n+2m]      invalid number text, reason
 
 Message record fields:
   req:<task id> JSON of each task's request (task id, names, values, numbers, created at),
@@ -37,6 +39,8 @@ Message record fields:
   content       fingerprint of the message's content: one message id is one content
   lease         token of the run that holds the pending numbers; lease_until (ms)
   lease_stale   (ms) when a reserve first saw the current lease expired (takeover grace)
+  lease_at      (ms) when the lease was taken: the numbers it granted an attempt to carry it
+                as their updated_ms until they are settled
   pending       how many numbers are "reserved"
   n:<number>    "state|day|attempts|status|serial|updated_ms|error"
                 state: reserved accepted invalid quota_exceeded account_quota_exceeded failed
@@ -47,7 +51,8 @@ Returns {"conflict"} when the message id was used with another content (nothing 
 "verdict|day|attempts|status|serial|updated|error"} (the number's n:<number> field as it now
 is, with the verdict in place of the state) where
 verdict is "send" (a unit is held and this attempt is granted), "exhausted" (reserved but no
-attempts left) or the final state.
+attempts left), "unsettled" (at most once: the run that sent its last attempt was lost before
+it settled; Polyv may have sent it) or the final state.
 
 Cost: the records and today's counts of all numbers are read with one HMGET each and every
 write to the record goes in one HSET at the end, so a call runs about 10 Redis commands whatever
@@ -63,10 +68,13 @@ local max_attempts = tonumber(ARGV[7])
 local token = ARGV[8]
 local n = tonumber(ARGV[14])
 local m = tonumber(ARGV[15])
-local FIRST = 18  -- ARGV index of the first number
+local FIRST = 19  -- ARGV index of the first number
 
-local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending', 'content', 'lease_stale')
+local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending', 'content', 'lease_stale',
+  'lease_at')
 local holder = head[1]
+-- Set when this call takes over a lease whose run never settled: the numbers it was sending.
+local orphaned_at = nil
 
 -- ---- one message id, one content; the request recorded before anything can return busy --
 if ARGV[16] ~= '' then
@@ -99,6 +107,7 @@ if holder and holder ~= token then
   elseif stale + grace > now then
     return {'busy', tostring(stale + grace - now)}
   end
+  if ARGV[18] == '1' then orphaned_at = head[6] end
 end
 
 -- The records of every number asked about, and today's counts of the valid ones (plus the
@@ -153,6 +162,8 @@ for i = FIRST, FIRST - 1 + n do
       -- was lost (a Redis restart). Grant the same attempt again; count it once.
       emit('send', current)
       sends = sends + 1
+    elseif orphaned_at and updated == orphaned_at then
+      emit('unsettled', current)
     elseif attempts >= max_attempts then
       emit('exhausted', current)
     else
@@ -218,6 +229,8 @@ if sends > 0 then
   writes[#writes + 1] = token
   writes[#writes + 1] = 'lease_until'
   writes[#writes + 1] = now + tonumber(ARGV[9])
+  writes[#writes + 1] = 'lease_at'
+  writes[#writes + 1] = ARGV[1]
   redis.call('ZADD', pending_set, ARGV[10], ARGV[11])
 end
 hset(msg, writes)
