@@ -9,6 +9,7 @@ worker: the task fails at once, nothing is sent and no retry follows.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -28,6 +29,8 @@ __all__ = ["SendSmsTask", "enqueue_again", "send_sms"]
 log = logging.getLogger("polyv_sms.tasks")
 
 _SHOWN_NUMBERS = 10
+#: Past the holder's lease and takeover grace, how much longer a busy run waits in place.
+_BUSY_WAIT_MARGIN_S = 5.0
 
 
 def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
@@ -140,11 +143,26 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # drop the broker's copy without a result (Ignore) and let the reconciler enqueue it
         # again when it is overdue. Before that - the ledger was unreachable - the broker's
         # copy is the only one: requeue it (or, if the broker refuses even that, it stays
-        # unacknowledged until the visibility timeout). The same for a run that found the
-        # message busy: the run holding it may finish every number, and then nothing in the
-        # ledger would bring this task (and its caller's result) back.
+        # unacknowledged until the visibility timeout).
         metrics.TASK_RETRIES.labels("publish_failed").inc()
-        known = outcome_reason not in ("ledger", "busy")
+        if outcome_reason == "busy":
+            # Another run holds the message, and it may finish every number: then nothing in
+            # the ledger would bring this task (and its caller's result) back. Requeueing
+            # through a broker that refuses writes ends the worker (and its in-flight sends),
+            # so wait the holder out here instead: its lease and takeover grace bound it.
+            log.error(
+                "message %s: the retry could not be published (%s); waiting here for the "
+                "run that holds the message",
+                key,
+                type(exc.reason).__name__,
+            )
+            waited = _wait_out_busy(
+                runtime, request, key, task_id, give_up=give_up, first_wait_s=countdown
+            )
+            if waited is not None:
+                return waited
+            outcome_reason = "pending"
+        known = outcome_reason != "ledger"
         log.error(
             "message %s: the retry could not be published (%s); %s",
             key,
@@ -156,6 +174,41 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if known:
             raise Ignore() from None
         raise Reject(exc.reason, requeue=True) from None
+
+
+def _wait_out_busy(
+    runtime: Any,
+    request: Any,
+    key: str,
+    task_id: str,
+    *,
+    give_up: str | None,
+    first_wait_s: float,
+) -> dict[str, Any] | None:
+    """Run the message again in place while another run holds it (the broker refused the
+    retry). Bounded by the holder's lease plus the takeover grace.
+
+    Returns:
+        The result, or ``None`` when the message still has numbers pending (the ledger's
+        ``pending`` entry and this task's stored request let the reconciler bring it back).
+    """
+    settings = runtime.settings
+    deadline = time.monotonic() + settings.lease_s + settings.takeover_grace_s + _BUSY_WAIT_MARGIN_S
+    wait = first_wait_s
+    while time.monotonic() + wait < deadline:
+        time.sleep(wait)
+        try:
+            outcome = runtime.dispatcher.run(
+                request, message_id=key, task_id=task_id, give_up=give_up
+            )
+        except (LedgerUnavailable, redis.RedisError):
+            return None
+        if outcome.result is not None:
+            return dict(outcome.result)
+        if outcome.reason != "busy":
+            return None
+        wait = outcome.retry_in or 1.0
+    return None
 
 
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:
