@@ -48,6 +48,7 @@ log = logging.getLogger("polyv_sms.dispatch")
 #: The final outcomes of a number, in the order the result's ``counts`` lists them.
 OUTCOMES = ("accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed")
 _BUSY_JITTER_S = 0.5
+_AT_MOST_ONCE = "; Polyv may have sent it, and at most once it is not sent again"
 #: Polyv blocks an IP that exceeds its rate limit for 5 minutes.
 RATE_LIMIT_PAUSE_S = 300.0
 
@@ -312,7 +313,7 @@ class Dispatcher:
             if exc.response is None:
                 # An answer we cannot read may still mean Polyv sent it: keep the unit (and
                 # at most once, send it no more).
-                return self._retry_all(numbers, self._maybe_sent_action, str(exc))
+                return self._maybe_sent(numbers, str(exc), "retry_keep")
             response = exc.response
         except RateLimited as exc:
             metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
@@ -324,18 +325,21 @@ class Dispatcher:
         except TransientError as exc:
             metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
             if _answered_server_error(exc):
-                # An HTTP 5xx is an answer: Polyv may have processed the request first.
-                return self._retry_all(numbers, self._maybe_sent_action, str(exc))
+                # An HTTP 5xx is an answer: Polyv may have processed the request first. At
+                # least once it is retried like any transient failure (its unit refunded if
+                # it ends failed, as before); at most once it is not sent again.
+                return self._maybe_sent(numbers, str(exc), "retry")
             return self._retry_all(numbers, "retry", str(exc))
         else:
             metrics.observe_request(time.perf_counter() - started, "answered", len(numbers))
         return self._map_statuses(numbers, response)
 
-    @property
-    def _maybe_sent_action(self) -> str:
-        """What a number that Polyv may have sent becomes: retried at least once, or at most
-        once ended ``failed`` (its unit kept)."""
-        return "retry_keep" if self.retry_ambiguous else "fail_keep"
+    def _maybe_sent(self, numbers: list[str], error: str, retry: str) -> list[Settlement]:
+        """Numbers that Polyv may have sent: retried (``retry``) at least once; at most once
+        they end ``failed``, their unit kept, and are never sent again."""
+        if self.retry_ambiguous:
+            return self._retry_all(numbers, retry, error)
+        return self._retry_all(numbers, "fail_keep", error + _AT_MOST_ONCE)
 
     def _retry_all(self, numbers: list[str], action: str, error: str) -> list[Settlement]:
         metrics.count_retries("transport", len(numbers))
@@ -351,7 +355,10 @@ class Dispatcher:
             answer = answers.get(number)
             if answer is None:
                 error = "Polyv's answer did not mention it (or its entry did not parse)"
-                items.append(Settlement(number, self._maybe_sent_action, error=error))
+                if self.retry_ambiguous:
+                    items.append(Settlement(number, "retry_keep", error=error))
+                else:
+                    items.append(Settlement(number, "fail_keep", error=error + _AT_MOST_ONCE))
                 retried += 1
                 continue
             status = answer.status
