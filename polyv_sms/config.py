@@ -297,7 +297,7 @@ class Settings:
             takeover_grace_s=_number(
                 env, "SMS_TAKEOVER_GRACE", DEFAULT_TAKEOVER_GRACE_S, minimum=0
             ),
-            journal_dir=_text(env, JOURNAL_DIR_ENV, None) or default_journal_dir(env),
+            journal_dir=_journal_dir(env),
         )
 
     def require_credentials(self) -> tuple[str, Secret]:
@@ -356,6 +356,14 @@ class Settings:
                 value = _redact_url(value)
             shown[item.name] = value
         return shown
+
+
+def _journal_dir(env: Mapping[str, str]) -> str | None:
+    """``SMS_JOURNAL_DIR``: a directory, ``off`` (no journal), or unset (the default)."""
+    raw = _text(env, JOURNAL_DIR_ENV, None)
+    if raw is None:
+        return default_journal_dir(env)
+    return None if raw.lower() == "off" else raw
 
 
 def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:

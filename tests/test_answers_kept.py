@@ -551,3 +551,12 @@ def test_at_most_once_a_number_whose_run_was_lost_mid_send_is_not_sent_again(
     assert outcome_of(outcome.result, N1)["outcome"] == "failed"
     assert outcome_of(outcome.result, N2)["outcome"] == "accepted"
     assert quota(d.ledger, d.ledger.day()) == {N1: 1, N2: 1, "_total": 2}
+
+
+def test_the_journal_directory_setting() -> None:
+    from polyv_sms.config import Settings
+
+    assert Settings.from_env({"SMS_RUN_DIR": "/srv/sms"}).journal_dir == "/srv/sms/journal"
+    assert Settings.from_env({"SMS_JOURNAL_DIR": "/var/lib/j"}).journal_dir == "/var/lib/j"
+    assert Settings.from_env({"SMS_JOURNAL_DIR": "off"}).journal_dir is None
+    assert Settings.from_env({"SMS_TAKEOVER_GRACE": "3"}).takeover_grace_s == 3.0
