@@ -560,3 +560,17 @@ def test_the_journal_directory_setting() -> None:
     assert Settings.from_env({"SMS_JOURNAL_DIR": "/var/lib/j"}).journal_dir == "/var/lib/j"
     assert Settings.from_env({"SMS_JOURNAL_DIR": "off"}).journal_dir is None
     assert Settings.from_env({"SMS_TAKEOVER_GRACE": "3"}).takeover_grace_s == 3.0
+
+
+def test_a_journal_entry_the_ledger_refuses_is_set_aside_not_replayed_forever(
+    client, account, clock, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path, account[0])
+    ledger = make(client, account, "http://127.0.0.1:9", clock).ledger
+    journal.record(
+        "bad", [Settlement(N1, "no-such-action")], days={}, token="t", retry_at=0, now=clock.now
+    )
+    assert journal.replay(ledger, "bad") == 0
+    assert journal.entries() == []
+    assert [p.suffix for p in journal.directory.iterdir()] == [".bad"]
+    assert oct(next(journal.directory.iterdir()).stat().st_mode & 0o777) == "0o600"

@@ -41,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from polyv_sms.errors import LedgerUnavailable
 from polyv_sms.ledger.records import Settlement
 from polyv_sms.ledger.store import Ledger
@@ -52,6 +54,8 @@ log = logging.getLogger("polyv_sms.ledger.journal")
 #: How often a worker's replayer looks for answers the ledger has not taken.
 DEFAULT_REPLAY_INTERVAL_S = 1.0
 _VERSION = 1
+#: How a settle the script itself refused reads (its own error, or a Lua runtime error).
+_SCRIPT_ERRORS = ("settle.lua", "user_script", "Error running script")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -108,7 +112,9 @@ class Journal:
         temporary = self.directory / f".{name}.tmp"
         try:
             data = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-            with open(temporary, "wb") as handle:
+            # 0600: an entry holds phone numbers.
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(data.encode("utf-8", "surrogatepass"))
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -175,14 +181,26 @@ class Journal:
                 with contextlib.suppress(OSError):
                     path.rename(path.with_suffix(".bad"))
                 continue
-            ledger.settle(
-                target,
-                items,
-                days=entry.get("days") or {},
-                token=str(entry["token"]),
-                retry_at=float(entry["retry_at"]),
-                now=float(entry["now"]),
-            )
+            try:
+                ledger.settle(
+                    target,
+                    items,
+                    days=entry.get("days") or {},
+                    token=str(entry["token"]),
+                    retry_at=float(entry["retry_at"]),
+                    now=float(entry["now"]),
+                )
+            except redis.ResponseError as exc:
+                if not any(mark in str(exc) for mark in _SCRIPT_ERRORS):
+                    raise  # a cluster or permission error: not the entry's fault
+                # Refused by the script itself: replaying it again would fail again and block
+                # the message's next runs. Set aside for an operator (outages still propagate).
+                log.error(
+                    "journal entry %s refused by the ledger (%s); set aside as .bad", path, exc
+                )
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_suffix(".bad"))
+                continue
             self.done(path)
             replayed += 1
             log.warning(
