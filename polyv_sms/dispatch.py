@@ -280,10 +280,12 @@ class Dispatcher:
             # The run's longest delay so far, not this chunk's: a later chunk must not bring
             # the reconciler's due time for the message forward of an earlier chunk's.
             retry_at = now + max(delay, run.retry_in or 0.0)
-            if to_send and self.journal is not None:
+            journal = self.journal if to_send else None
+            if journal is not None:
                 # On disk before the settle is attempted: an answer read is never lost, even
-                # if the ledger stays down or this process dies (see ledger/journal.py).
-                journaled = self.journal.record(
+                # if the ledger stays down or this process dies (see ledger/journal.py); made
+                # durable (fsync) once the ledger is found unavailable.
+                journaled = journal.record(
                     run.message_id,
                     items,
                     days=days,
@@ -292,7 +294,13 @@ class Dispatcher:
                     now=now,
                 )
             _, settled = self.ledger.settle(
-                run.message_id, items, days=days, token=run.token, retry_at=retry_at, now=now
+                run.message_id,
+                items,
+                days=days,
+                token=run.token,
+                retry_at=retry_at,
+                now=now,
+                on_outage=None if journal is None else lambda: journal.make_durable(journaled),
             )
             Journal.done(journaled)
             run.states.update((s.number, s) for s in settled)

@@ -10,6 +10,7 @@ The same paths with real worker processes are in ``tests/reliability/test_answer
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -51,6 +52,19 @@ def client(redis_server) -> Any:
     real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
     yield real
     real.close()
+
+
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the paths this process fsyncs from now on."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
 
 
 def hook_after_send(dispatcher: Dispatcher, after) -> None:
@@ -144,7 +158,7 @@ def test_a_second_status_12_for_a_number_keeps_its_receipt_too(client, account, 
 
 
 def test_an_answer_outlasting_the_ledger_outage_is_journaled_and_never_sent_again(
-    account, clock, tmp_path: Path
+    account, clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The ledger's Redis dies while the request is in flight and stays down past
     SMS_REDIS_OUTAGE; meanwhile the lease and its grace run out. The answer waits in the
@@ -158,9 +172,12 @@ def test_an_answer_outlasting_the_ledger_outage_is_journaled_and_never_sent_agai
             d = make(ledger_client, account, sim.url, clock, journal=journal)
             d.ledger.outage_s = 0.3
             hook_after_send(d, lambda: server.stop(kill=True))
+            synced = fsyncs(monkeypatch)
             with pytest.raises(LedgerUnavailable):
                 d.run(request([N1], "j1"), message_id="j1", task_id="t1")
             assert len(journal.entries("j1")) == 1
+            # Made durable once the ledger was found down: the entry and its directory.
+            assert set(synced) == {str(journal.entries("j1")[0]), str(journal.directory)}
             serial = sim.requests()[0]["results"][0]["serialNo"]
             server.start()
             clock.now += d.ledger.lease_s + d.ledger.takeover_grace_s + 60
@@ -168,6 +185,9 @@ def test_an_answer_outlasting_the_ledger_outage_is_journaled_and_never_sent_agai
             again = make(ledger_client, account, sim.url, clock, journal=journal)
             result = run_until_done(again, request([N1], "j1"), "j1", clock)
             assert sim.received(N1) == 1
+            synced.clear()
+            run_until_done(again, request([N2], "j1b"), "j1b", clock)
+            assert synced == []  # the happy path does not fsync
         assert outcome_of(result, N1)["outcome"] == "accepted"
         assert outcome_of(result, N1)["serial_no"] == serial
         assert journal.entries() == []

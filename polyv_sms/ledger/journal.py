@@ -4,8 +4,14 @@ Design invariant 6: an answer read from Polyv is never lost. Between reading the
 the ledger taking it, the worker may find the ledger's Redis down for longer than
 ``SMS_REDIS_OUTAGE``, or die. So before the settle is attempted, the dispatcher writes what it
 is about to settle - the same arguments, with the time the answer was read - to a file of its
-own under ``SMS_JOURNAL_DIR`` (by default ``$SMS_RUN_DIR/journal``), fsync'd, and removes the
-file once the settle went through. Whatever is left is replayed:
+own under ``SMS_JOURNAL_DIR`` (by default ``$SMS_RUN_DIR/journal``), and removes the file once
+the settle went through. The write survives the worker process dying (the page cache is the
+kernel's); it is fsync'd (file and directory) as soon as the settle's first attempt finds the
+ledger unavailable, so that a long outage is also survived by a power cut. Not fsyncing the
+happy path, where the settle follows within milliseconds, saves about 0.5 ms of CPU and 1-2 ms
+of latency per Polyv request (measured: 15 % of a worker's throughput for one-number messages);
+what it gives up is an answer read in the milliseconds before a power cut of the host, the same
+class of loss as the host's disk. Whatever is left is replayed:
 
 - by the next run of the same message on this host, before it reserves anything (so a number
   whose answer is here is never sent again from here);
@@ -90,8 +96,10 @@ class Journal:
         token: str,
         retry_at: float,
         now: float,
+        sync: bool = False,
     ) -> Path | None:
-        """Write one settle to disk, durably, before it is attempted.
+        """Write one settle to disk before it is attempted (atomically: a reader sees all of
+        it or nothing); fsync'd with ``sync``, or later with :meth:`make_durable`.
 
         Returns:
             The entry (to :meth:`done` once the ledger took it), or ``None`` when it could not
@@ -116,10 +124,9 @@ class Journal:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data.encode("utf-8", "surrogatepass"))
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(temporary, path)
-            self._sync_directory()
+            if sync:
+                self.make_durable(path)
         except (OSError, ValueError) as exc:
             log.error(
                 "message %s: the answer could not be journaled (%s); settling without it",
@@ -131,12 +138,22 @@ class Journal:
             return None
         return path
 
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
+    def make_durable(self, path: Path | None) -> None:
+        """fsync an entry and the directory that names it (called when the ledger is found
+        unavailable: the entry may have to outlive a power cut)."""
+        if path is None:
+            return
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            for target in (path, self.directory):
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            return  # settled (and removed) meanwhile
+        except OSError as exc:
+            log.error("journal entry %s could not be made durable (%s)", path, exc)
 
     @staticmethod
     def done(path: Path | None) -> None:

@@ -171,14 +171,21 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger(app_id={self.app_id!r})"
 
-    def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    def call(
+        self,
+        fn: Callable[..., _T],
+        *args: Any,
+        on_outage: Callable[[], object] | None = None,
+        **kwargs: Any,
+    ) -> _T:
         """Run one Redis call, riding out a short outage.
 
         A connection or timeout error, Redis loading its data, a read-only replica (failover)
         or a full Redis (``maxmemory`` with ``noeviction``) is retried after 50 ms, doubling up
         to 1 s apart, until ``outage_s`` have passed since the first attempt. (A plain loop,
         not tenacity: this is on every message's path, and tenacity's bookkeeping costs more
-        than the loop.)
+        than the loop.) ``on_outage`` is called once, when the first attempt fails (the
+        dispatcher makes its journal entry durable then).
 
         Raises:
             LedgerUnavailable: Redis stayed unreachable for the whole outage budget.
@@ -189,6 +196,11 @@ class Ledger:
             try:
                 return fn(*args, **kwargs)
             except _REDIS_OUTAGE_ERRORS as exc:
+                if on_outage is not None and attempt == 1:
+                    try:
+                        on_outage()
+                    except Exception:
+                        log.exception("ledger: the outage callback failed")
                 if time.monotonic() - started >= self.outage_s:
                     kind = type(exc).__name__
                     raise LedgerUnavailable(f"ledger Redis unavailable: {kind}") from exc
@@ -305,6 +317,7 @@ class Ledger:
         token: str,
         retry_at: float,
         now: float | None = None,
+        on_outage: Callable[[], object] | None = None,
     ) -> tuple[int, tuple[NumberState, ...]]:
         """Record Polyv's answers for the numbers of one request.
 
@@ -316,6 +329,7 @@ class Ledger:
             retry_at: when a retry of the numbers left reserved is due (seconds).
             now: when the answer was read (a journal replay gives the original time, so
                 that a receipt keeps its day); the clock when omitted.
+            on_outage: called once if the first attempt finds Redis unavailable.
 
         Returns:
             ``(pending, states)``: numbers of the message still reserved, and the state of
@@ -368,7 +382,7 @@ class Ledger:
                 item.serial_no or "",
                 f"{item.action}|{status}|{quota}|{attempt}|{item.error}",
             ]
-        reply = self.call(self._settle, keys=keys, args=args)
+        reply = self.call(self._settle, keys=keys, args=args, on_outage=on_outage)
         return int(reply[0]), parse_states((item.number for item in items), reply[1:])
 
     def requeue(self, message_id: str) -> list[str]:
