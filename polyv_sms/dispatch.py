@@ -15,28 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polyv_sms import metrics
+from polyv_sms.answers import send_and_read
 from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
-    AmbiguousSend,
     InvalidRequest,
     PermanentError,
-    PolyvUnavailable,
-    RateLimited,
-    TransientError,
-    UnexpectedResponse,
 )
 from polyv_sms.ledger import Ledger, NumberState, Settlement
 from polyv_sms.ledger.journal import Journal
 from polyv_sms.polyv.client import (
-    KNOWN_STATUSES,
-    STATUS_ACCEPTED,
-    STATUS_INVALID,
-    STATUS_OVER_LIMIT,
     STATUS_UPSTREAM_FAILED,
-    PhoneResult,
     PolyvClient,
-    PolyvResponse,
 )
 from polyv_sms.polyv.phones import PhoneCheck, check_phone, mask
 from polyv_sms.validation import SmsRequest
@@ -48,7 +38,6 @@ log = logging.getLogger("polyv_sms.dispatch")
 #: The final outcomes of a number, in the order the result's ``counts`` lists them.
 OUTCOMES = ("accepted", "invalid", "quota_exceeded", "account_quota_exceeded", "failed")
 _BUSY_JITTER_S = 0.5
-_AT_MOST_ONCE = "; Polyv may have sent it, and at most once it is not sent again"
 #: Polyv blocks an IP that exceeds its rate limit for 5 minutes.
 RATE_LIMIT_PAUSE_S = 300.0
 
@@ -77,19 +66,6 @@ class _Run:
     abort: PermanentError | None = None
     give_up: str | None = None
     retry_in: float | None = None
-
-
-def _answered_server_error(exc: TransientError) -> bool:
-    """True for an HTTP 5xx answer (the request reached Polyv), not a connect failure.
-
-    The client raises :class:`PolyvUnavailable` for both; only the answer's names its HTTP
-    status ("Polyv answered HTTP 503 ...").
-    """
-    return (
-        isinstance(exc, PolyvUnavailable)
-        and not isinstance(exc, AmbiguousSend)
-        and str(exc).startswith("Polyv answered HTTP")
-    )
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -306,86 +282,15 @@ class Dispatcher:
             run.states.update((s.number, s) for s in settled)
 
     def _send(self, run: _Run, request: SmsRequest, numbers: list[str]) -> list[Settlement]:
-        started = time.perf_counter()
-        response: PolyvResponse | None = None
-        try:
-            response = self.client.send(
+        items, refused = send_and_read(
+            lambda: self.client.send(
                 numbers, request.template_param_names, request.template_param_values
-            )
-        except PermanentError as exc:
-            metrics.observe_request(time.perf_counter() - started, "refused", len(numbers))
-            run.abort = exc
-            return [Settlement(n, "fail", error=str(exc)) for n in numbers]
-        except UnexpectedResponse as exc:
-            metrics.observe_request(time.perf_counter() - started, "unexpected", len(numbers))
-            if exc.response is None:
-                # An answer we cannot read may still mean Polyv sent it: keep the unit (and
-                # at most once, send it no more).
-                return self._maybe_sent(numbers, str(exc), "retry_keep")
-            response = exc.response
-        except RateLimited as exc:
-            metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
-            return self._retry_all(numbers, "rate_limited", str(exc))
-        except AmbiguousSend as exc:
-            metrics.observe_request(time.perf_counter() - started, "ambiguous", len(numbers))
-            action = "retry_keep" if self.retry_ambiguous else "fail_keep"
-            return self._retry_all(numbers, action, str(exc))
-        except TransientError as exc:
-            metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
-            if _answered_server_error(exc):
-                # An HTTP 5xx is an answer: Polyv may have processed the request first. At
-                # least once it is retried like any transient failure (its unit refunded if
-                # it ends failed, as before); at most once it is not sent again.
-                return self._maybe_sent(numbers, str(exc), "retry")
-            return self._retry_all(numbers, "retry", str(exc))
-        else:
-            metrics.observe_request(time.perf_counter() - started, "answered", len(numbers))
-        return self._map_statuses(numbers, response)
-
-    def _maybe_sent(self, numbers: list[str], error: str, retry: str) -> list[Settlement]:
-        """Numbers that Polyv may have sent: retried (``retry``) at least once; at most once
-        they end ``failed``, their unit kept, and are never sent again."""
-        if self.retry_ambiguous:
-            return self._retry_all(numbers, retry, error)
-        return self._retry_all(numbers, "fail_keep", error + _AT_MOST_ONCE)
-
-    def _retry_all(self, numbers: list[str], action: str, error: str) -> list[Settlement]:
-        metrics.count_retries("transport", len(numbers))
-        return [Settlement(n, action, error=error) for n in numbers]
-
-    def _map_statuses(self, numbers: list[str], response: PolyvResponse) -> list[Settlement]:
-        answers: dict[str, PhoneResult] = {}
-        for result in response.results:
-            answers.setdefault(result.phone_number, result)
-        items = []
-        retried = 0
-        for number in numbers:
-            answer = answers.get(number)
-            if answer is None:
-                error = "Polyv's answer did not mention it (or its entry did not parse)"
-                if self.retry_ambiguous:
-                    items.append(Settlement(number, "retry_keep", error=error))
-                else:
-                    items.append(Settlement(number, "fail_keep", error=error + _AT_MOST_ONCE))
-                retried += 1
-                continue
-            status = answer.status
-            if status == STATUS_ACCEPTED:
-                items.append(Settlement(number, "accepted", status, answer.serial_no))
-            elif status == STATUS_INVALID:
-                items.append(Settlement(number, "invalid", status, error="Polyv: invalid number"))
-            elif status == STATUS_OVER_LIMIT:
-                error = "Polyv: this number reached its daily limit"
-                items.append(Settlement(number, "quota", status, error=error))
-            elif status in KNOWN_STATUSES:
-                error = "Polyv status 11: the call to Aliyun failed"
-                items.append(Settlement(number, "retry", status, error=error))
-                retried += 1
-            else:
-                error = f"Polyv answered unknown status {status}; not retried to avoid a duplicate"
-                items.append(Settlement(number, "fail_keep", status, error=error))
-        if retried:
-            metrics.count_retries("status_11", retried)
+            ),
+            numbers,
+            retry_ambiguous=self.retry_ambiguous,
+        )
+        if refused is not None:
+            run.abort = refused
         return items
 
     def _fail_unsent(self, run: _Run, numbers: Sequence[str]) -> None:
