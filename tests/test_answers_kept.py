@@ -594,3 +594,38 @@ def test_a_journal_entry_the_ledger_refuses_is_set_aside_not_replayed_forever(
     assert journal.entries() == []
     assert [p.suffix for p in journal.directory.iterdir()] == [".bad"]
     assert oct(next(journal.directory.iterdir()).stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_journal_thread_replays_and_reports_what_is_left(
+    client, account, clock, tmp_path: Path
+) -> None:
+    from helpers import free_port
+
+    from polyv_sms import metrics
+    from polyv_sms.ledger.journal import JournalReplayer
+
+    journal = Journal(tmp_path, account[0])
+    ledger = make(client, account, "http://127.0.0.1:9", clock).ledger
+    r = ledger.reserve("jt", [N1], token="a")
+    journal.record(
+        "jt",
+        [Settlement(N1, "accepted", 12, "s-jt^0", attempt=1)],
+        days={N1: r.states[0].day},
+        token="a",
+        retry_at=0,
+        now=clock.now,
+    )
+    down = make(
+        redis.Redis(port=free_port(), socket_connect_timeout=0.2),
+        account,
+        "http://127.0.0.1:9",
+        clock,
+    ).ledger
+    down.outage_s = 0.1
+    assert JournalReplayer(journal, down).replay_once() == 0
+    assert metrics.JOURNAL_PENDING._value.get() == 1
+    before = metrics.JOURNAL_REPLAYED._value.get()
+    assert JournalReplayer(journal, ledger).replay_once() == 1
+    assert metrics.JOURNAL_PENDING._value.get() == 0
+    assert metrics.JOURNAL_REPLAYED._value.get() == before + 1
+    assert ledger.peek("jt", [N1])[N1].serial_no == "s-jt^0"

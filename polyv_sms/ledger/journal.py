@@ -49,6 +49,7 @@ from typing import Any
 
 import redis
 
+from polyv_sms import metrics
 from polyv_sms.errors import LedgerUnavailable
 from polyv_sms.ledger.records import Settlement
 from polyv_sms.ledger.store import Ledger
@@ -220,6 +221,7 @@ class Journal:
                 continue
             self.done(path)
             replayed += 1
+            metrics.JOURNAL_REPLAYED.inc()
             log.warning(
                 "message %s: an answer kept in the journal reached the ledger (%d numbers)",
                 target,
@@ -248,13 +250,17 @@ class JournalReplayer:
 
     def replay_once(self) -> int:
         """One pass; an unreachable ledger is logged, and the entries wait for the next."""
-        if not self.journal.entries():
+        left = len(self.journal.entries())
+        metrics.JOURNAL_PENDING.set(left)
+        if not left:
             return 0
         try:
             return self.journal.replay(self.ledger)
         except LedgerUnavailable as exc:
             log.warning("journal: %s; answers kept on disk, trying again", exc)
             return 0
+        finally:
+            metrics.JOURNAL_PENDING.set(len(self.journal.entries()))
 
     def start(self) -> None:
         """Replay now and then every ``interval_s`` until :meth:`stop`."""
