@@ -128,8 +128,12 @@ class Reconciler:
         if not int(record.get("pending") or 0):
             ledger.call(ledger.redis.zrem, keys.pending, message_id)
             return False
-        if int(record.get("lease_until") or 0) > now * 1000:
+        lease_until = int(record.get("lease_until") or 0)
+        if lease_until > now * 1000:
             return False  # a run is sending it right now
+        stale = int(record.get("lease_stale") or 0)
+        if stale >= lease_until and stale + ledger.takeover_grace_s * 1000 > now * 1000:
+            return False  # its run's lease ran out; the run still has its takeover grace
         pending = {
             field[2:]
             for field, value in record.items()
