@@ -8,6 +8,7 @@ import os
 import threading
 
 from polyv_sms import metrics
+from polyv_sms.ledger.journal import JournalReplayer
 from polyv_sms.ledger.reconcile import Enqueue, Reconciler
 from polyv_sms.misrouted import MisroutedMover
 from polyv_sms.runtime import get_runtime
@@ -18,6 +19,7 @@ log = logging.getLogger("polyv_sms.background")
 
 _lock = threading.Lock()
 _reconcilers: list[Reconciler] = []
+_replayers: list[JournalReplayer] = []
 _mover: MisroutedMover | None = None
 #: Set by supervisord (``%(process_num)d``) so that worker N serves metrics on port + N.
 WORKER_INDEX_ENV = "SMS_WORKER_INDEX"
@@ -61,13 +63,26 @@ def start(enqueue_again: Enqueue) -> None:
                     f"metrics: cannot listen on port {port} (SMS_METRICS_PORT="
                     f"{settings.metrics_port} + {WORKER_INDEX_ENV}={raw_index}): {exc}"
                 ) from exc
+        try:
+            accounts = [runtime.account(name) for name in sorted(runtime.accounts)]
+        except Exception as exc:
+            raise BackgroundError(f"cannot build the accounts' runtimes: {exc}") from exc
+        if not _replayers:
+            # Answers a dead worker of this host left in a journal reach the ledger now.
+            for built in accounts:
+                if built.journal is not None:
+                    replayer = JournalReplayer(built.journal, built.ledger)
+                    replayer.start()
+                    _replayers.append(replayer)
         if not _reconcilers and settings.reconcile_interval_s > 0:
             # One per account: each sweeps its own ledger keys.
             try:
-                ledgers = [runtime.account(name).ledger for name in sorted(runtime.accounts)]
-                for ledger in ledgers or [runtime.ledger]:
+                for built in accounts:
                     reconciler = Reconciler(
-                        ledger, enqueue_again, interval_s=settings.reconcile_interval_s
+                        built.ledger,
+                        enqueue_again,
+                        interval_s=settings.reconcile_interval_s,
+                        journal=built.journal,
                     )
                     reconciler.start()
                     _reconcilers.append(reconciler)
@@ -92,9 +107,11 @@ def start(enqueue_again: Enqueue) -> None:
 
 
 def stop() -> None:
-    """Stop the reconciler and the mover of mis-routed tasks."""
+    """Stop the journal replayers, the reconcilers and the mover of mis-routed tasks."""
     global _mover  # noqa: PLW0603
     with _lock:
+        while _replayers:
+            _replayers.pop().stop()
         while _reconcilers:
             _reconcilers.pop().stop()
         if _mover is not None:

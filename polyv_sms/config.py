@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_RECEIPT_TTL_DAYS",
     "DEFAULT_RETRY_BACKOFF_MAX_S",
     "DEFAULT_RETRY_BACKOFF_S",
+    "DEFAULT_TAKEOVER_GRACE_S",
     "DEFAULT_TIMEZONE",
     "DEFAULT_VISIBILITY_TIMEOUT_S",
     "MAX_PORT",
@@ -80,6 +81,26 @@ DEFAULT_LEDGER_START_WAIT_S = 300.0
 DEFAULT_CONNECT_RETRY_BUDGET_S = 2.0
 #: The highest TCP port: SMS_METRICS_PORT plus a worker's index may not exceed it.
 MAX_PORT = 65535
+#: How long an expired lease is left to its holder before another run takes over (its answer
+#: may be in its journal, waiting for the ledger to come back).
+DEFAULT_TAKEOVER_GRACE_S = 10.0
+#: What a lease adds to the exchange and the settle: the client's own slack past its
+#: deadline, the journal's fsync and scheduling.
+LEASE_MARGIN_S = 5.0
+#: Where worker processes keep ``SMS_RUN_DIR`` when it is not set (see polyv_sms.cli.run).
+RUN_DIR_ENV = "SMS_RUN_DIR"
+JOURNAL_DIR_ENV = "SMS_JOURNAL_DIR"
+
+
+def default_journal_dir(env: Mapping[str, str]) -> str:
+    """``$SMS_RUN_DIR/journal``, or ``<temp dir>/polyv-sms-<uid>/journal``."""
+    import tempfile  # noqa: PLC0415 - only at start-up
+
+    run_dir = (env.get(RUN_DIR_ENV) or "").strip()
+    if not run_dir:
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        run_dir = os.path.join(tempfile.gettempdir(), f"polyv-sms-{uid}")
+    return os.path.join(run_dir, "journal")
 
 
 def exchange_deadline_s(http_timeout_s: float) -> float:
@@ -228,6 +249,9 @@ class Settings:
     celery_config_module: str | None = None
     rabbitmq_consumer_timeout_s: float = DEFAULT_RABBITMQ_CONSUMER_TIMEOUT_S
     ledger_start_wait_s: float = DEFAULT_LEDGER_START_WAIT_S
+    takeover_grace_s: float = DEFAULT_TAKEOVER_GRACE_S
+    #: Where a worker keeps Polyv's answers until the ledger has them; ``None``: no journal.
+    journal_dir: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -367,6 +391,10 @@ class Settings:
             ledger_start_wait_s=_number(
                 env, "SMS_LEDGER_START_WAIT", DEFAULT_LEDGER_START_WAIT_S, minimum=0
             ),
+            takeover_grace_s=_number(
+                env, "SMS_TAKEOVER_GRACE", DEFAULT_TAKEOVER_GRACE_S, minimum=0
+            ),
+            journal_dir=_journal_dir(env),
         )
 
     def require_credentials(self) -> tuple[str, Secret]:
@@ -413,7 +441,7 @@ class Settings:
     def lease_s(self) -> float:
         """How long one run may hold a message's pending numbers, from ``reserve`` to
         ``settle`` of one HTTP request, before another run may take them over."""
-        return self.exchange_deadline_s + self.redis_outage_s + 5.0
+        return self.exchange_deadline_s + self.redis_outage_s + LEASE_MARGIN_S
 
     def describe(self) -> dict[str, object]:
         """The settings as a dict for display, with the secret and URL passwords hidden."""
@@ -426,6 +454,14 @@ class Settings:
                 value = _redact_url(value)
             shown[item.name] = value
         return shown
+
+
+def _journal_dir(env: Mapping[str, str]) -> str | None:
+    """``SMS_JOURNAL_DIR``: a directory, ``off`` (no journal), or unset (the default)."""
+    raw = _text(env, JOURNAL_DIR_ENV, None)
+    if raw is None:
+        return default_journal_dir(env)
+    return None if raw.lower() == "off" else raw
 
 
 def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:

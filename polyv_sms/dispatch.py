@@ -15,27 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polyv_sms import metrics
+from polyv_sms.answers import send_and_read
 from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
-    AmbiguousSend,
+    InvalidRequest,
     PermanentError,
-    RateLimited,
-    TransientError,
-    UnexpectedResponse,
 )
 from polyv_sms.lanes import DEFAULT_LANE, lane_account_limit
 from polyv_sms.ledger import Ledger, NumberState, Settlement
+from polyv_sms.ledger.journal import Journal
 from polyv_sms.ledger.ratelimit import BULK_RATE_WAIT_MAX_S, RATE_LIMIT_PAUSE_S, RateGuard
 from polyv_sms.polyv.client import (
-    KNOWN_STATUSES,
-    STATUS_ACCEPTED,
-    STATUS_INVALID,
-    STATUS_OVER_LIMIT,
     STATUS_UPSTREAM_FAILED,
-    PhoneResult,
     PolyvClient,
-    PolyvResponse,
 )
 from polyv_sms.polyv.phones import PhoneCheck, check_phone, mask
 from polyv_sms.validation import SmsRequest
@@ -98,6 +91,8 @@ class Dispatcher:
         account: the account's name (results, metrics and the stored request carry it).
         bulk_headroom: units of the account's daily limit bulk messages may not use.
         guard: the shared rate guard; ``None`` sends without one (tests, the demo).
+        journal: where Polyv's answers are kept until the ledger has them (see
+            :mod:`polyv_sms.ledger.journal`); ``None``: no journal.
     """
 
     def __init__(
@@ -114,7 +109,9 @@ class Dispatcher:
         account: str = "default",
         bulk_headroom: int = 0,
         guard: RateGuard | None = None,
+        journal: Journal | None = None,
     ) -> None:
+        self.journal = journal
         self.account = account
         self.bulk_headroom = bulk_headroom
         self.guard = guard
@@ -150,7 +147,16 @@ class Dispatcher:
 
         Returns:
             The result, or when to run again.
+
+        Raises:
+            InvalidRequest: the message id was used before with another content; nothing
+                was sent.
+            LedgerUnavailable: the ledger could not be reached (nothing was sent).
         """
+        if self.journal is not None:
+            # An answer of this message still in this host's journal goes to the ledger
+            # first: the numbers it answers must not be sent again from here.
+            self.journal.replay(self.ledger, message_id)
         checks = [check_phone(n) for n in request.phone_numbers]
         lane = request.lane
         run = _Run(
@@ -171,7 +177,9 @@ class Dispatcher:
         valid = list(distinct)
         meta = {
             "task_id": task_id,
-            "phone_numbers": [c.raw for c in run.checks],
+            # The input as given, not the checks' display text: a re-enqueued message must be
+            # the same request (a cut text could normalise to a valid number).
+            "phone_numbers": list(request.phone_numbers),
             "template_param_names": list(request.template_param_names),
             "template_param_values": list(request.template_param_values),
             "created_at": round(self.clock(), 3),
@@ -197,7 +205,14 @@ class Dispatcher:
                 token=run.token,
                 meta=meta if first else None,
                 account_limit=account_limit,
+                resend_unsettled=self.retry_ambiguous,
             )
+            if reservation.conflict:
+                raise InvalidRequest(
+                    f"message_id {message_id!r} was already used for another content (numbers, "
+                    "template names or values); one message id is one request: use a new "
+                    "message id"
+                )
             if reservation.busy_for_s is not None:
                 # The holder usually settles within one HTTP timeout; look again then.
                 wait = min(reservation.busy_for_s, self.client.timeout)
@@ -252,9 +267,23 @@ class Dispatcher:
             for s in reserved
             if s.state == "exhausted"
         ]
+        items += [
+            Settlement(
+                s.number,
+                "fail_keep",
+                s.status,
+                error="its last attempt never reported back (the run sending it was lost); "
+                "Polyv may have sent it, and at most once it is not sent again",
+            )
+            for s in reserved
+            if s.state == "unsettled"
+        ]
         delay = 0.0
+        journaled = None
         if to_send:
             sent = self._send(run, request, to_send)
+            granted = {s.number: s.attempts for s in reserved}
+            sent = [item._replace(attempt=granted[item.number]) for item in sent]
             delay = self.backoff(max(run.states[n].attempts for n in to_send))
             if any(item.action == "rate_limited" for item in sent):
                 # Polyv blocks an IP that exceeds its rate for 5 minutes: sooner is wasted,
@@ -266,77 +295,45 @@ class Dispatcher:
             items += sent
         if items:
             days = {s.number: s.day for s in reserved}
+            now = self.clock()
+            # The run's longest delay so far, not this chunk's: a later chunk must not bring
+            # the reconciler's due time for the message forward of an earlier chunk's.
+            retry_at = now + max(delay, run.retry_in or 0.0)
+            journal = self.journal if to_send else None
+            if journal is not None:
+                # On disk before the settle is attempted: an answer read is never lost, even
+                # if the ledger stays down or this process dies (see ledger/journal.py); made
+                # durable (fsync) once the ledger is found unavailable.
+                journaled = journal.record(
+                    run.message_id,
+                    items,
+                    days=days,
+                    token=run.token,
+                    retry_at=retry_at,
+                    now=now,
+                )
             _, settled = self.ledger.settle(
-                run.message_id, items, days=days, token=run.token, retry_at=self.clock() + delay
+                run.message_id,
+                items,
+                days=days,
+                token=run.token,
+                retry_at=retry_at,
+                now=now,
+                on_outage=None if journal is None else lambda: journal.make_durable(journaled),
             )
+            Journal.done(journaled)
             run.states.update((s.number, s) for s in settled)
 
     def _send(self, run: _Run, request: SmsRequest, numbers: list[str]) -> list[Settlement]:
-        started = time.perf_counter()
-        response: PolyvResponse | None = None
-        try:
-            response = self.client.send(
+        items, refused = send_and_read(
+            lambda: self.client.send(
                 numbers, request.template_param_names, request.template_param_values
-            )
-        except PermanentError as exc:
-            metrics.observe_request(time.perf_counter() - started, "refused", len(numbers))
-            run.abort = exc
-            return [Settlement(n, "fail", error=str(exc)) for n in numbers]
-        except UnexpectedResponse as exc:
-            metrics.observe_request(time.perf_counter() - started, "unexpected", len(numbers))
-            if exc.response is None:
-                # An answer we cannot read may still mean Polyv sent it: keep the unit.
-                return self._retry_all(numbers, "retry_keep", str(exc))
-            response = exc.response
-        except RateLimited as exc:
-            metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
-            return self._retry_all(numbers, "rate_limited", str(exc))
-        except AmbiguousSend as exc:
-            metrics.observe_request(time.perf_counter() - started, "ambiguous", len(numbers))
-            action = "retry_keep" if self.retry_ambiguous else "fail_keep"
-            return self._retry_all(numbers, action, str(exc))
-        except TransientError as exc:
-            metrics.observe_request(time.perf_counter() - started, "transient", len(numbers))
-            return self._retry_all(numbers, "retry", str(exc))
-        else:
-            metrics.observe_request(time.perf_counter() - started, "answered", len(numbers))
-        return self._map_statuses(numbers, response)
-
-    def _retry_all(self, numbers: list[str], action: str, error: str) -> list[Settlement]:
-        metrics.count_retries("transport", len(numbers))
-        return [Settlement(n, action, error=error) for n in numbers]
-
-    def _map_statuses(self, numbers: list[str], response: PolyvResponse) -> list[Settlement]:
-        answers: dict[str, PhoneResult] = {}
-        for result in response.results:
-            answers.setdefault(result.phone_number, result)
-        items = []
-        retried = 0
-        for number in numbers:
-            answer = answers.get(number)
-            if answer is None:
-                items.append(
-                    Settlement(number, "retry_keep", error="Polyv's answer did not mention it")
-                )
-                retried += 1
-                continue
-            status = answer.status
-            if status == STATUS_ACCEPTED:
-                items.append(Settlement(number, "accepted", status, answer.serial_no))
-            elif status == STATUS_INVALID:
-                items.append(Settlement(number, "invalid", status, error="Polyv: invalid number"))
-            elif status == STATUS_OVER_LIMIT:
-                error = "Polyv: this number reached its daily limit"
-                items.append(Settlement(number, "quota", status, error=error))
-            elif status in KNOWN_STATUSES:
-                error = "Polyv status 11: the call to Aliyun failed"
-                items.append(Settlement(number, "retry", status, error=error))
-                retried += 1
-            else:
-                error = f"Polyv answered unknown status {status}; not retried to avoid a duplicate"
-                items.append(Settlement(number, "fail_keep", status, error=error))
-        if retried:
-            metrics.count_retries("status_11", retried)
+            ),
+            numbers,
+            retry_ambiguous=self.retry_ambiguous,
+        )
+        if refused is not None:
+            run.abort = refused
         return items
 
     def _fail_unsent(self, run: _Run, numbers: Sequence[str]) -> None:
@@ -351,18 +348,26 @@ class Dispatcher:
 
         Nothing is reserved: a number still reserved gets its unit back when its last attempt
         was a plain status 11 (Polyv did not send it) and keeps it otherwise (it may have).
+        A lease left on the message means a run took an attempt and never settled it: its
+        numbers' last status is from an earlier attempt, so no unit is given back then; and
+        each settle names the attempt it saw, so a number that moved on meanwhile is left alone.
         """
         assert run.give_up is not None
         known = self.ledger.peek(run.message_id, [*numbers, *invalid])
+        unsettled = self.ledger.lease_holder(run.message_id) is not None
         items = [Settlement(raw, "invalid", error=reason) for raw, reason in invalid.items()]
         for number in numbers:
             state = known.get(number)
             if state is None:
                 items.append(Settlement(number, "fail", error=run.give_up))
             elif not state.final:
-                refund = state.status == STATUS_UPSTREAM_FAILED
+                refund = state.status == STATUS_UPSTREAM_FAILED and not unsettled
                 action = "fail" if refund else "fail_keep"
-                items.append(Settlement(number, action, state.status, error=run.give_up))
+                items.append(
+                    Settlement(
+                        number, action, state.status, error=run.give_up, attempt=state.attempts
+                    )
+                )
         run.states.update(known)
         if items:
             self._settle_unsent(run, items, known)

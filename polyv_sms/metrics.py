@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
     "count_outcomes",
@@ -64,6 +64,15 @@ RATE_WAITS = Counter(
 RECONCILED = Counter(
     "polyv_sms_reconciled_total",
     "Messages the reconciler re-enqueued because their retry never ran.",
+)
+JOURNAL_REPLAYED = Counter(
+    "polyv_sms_journal_replayed_total",
+    "Polyv answers that reached the ledger from this host's journal (after an outage or a crash).",
+)
+JOURNAL_PENDING = Gauge(
+    "polyv_sms_journal_entries",
+    "Polyv answers in this host's journal that the ledger has not taken (looked at every second "
+    "by the journal thread); above 0 for long: the ledger is unreachable from this host.",
 )
 
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from polyv_sms.accounts import DEFAULT_ACCOUNT, Account, load_accounts
-from polyv_sms.config import Settings
+from polyv_sms.config import JOURNAL_DIR_ENV, Settings
 from polyv_sms.dispatch import Dispatcher
-from polyv_sms.errors import InvalidRequest
+from polyv_sms.errors import ConfigError, InvalidRequest
 from polyv_sms.ledger import Ledger, LedgerClient, build_ledger, connect_redis
+from polyv_sms.ledger.journal import Journal
 from polyv_sms.ledger.ratelimit import RateGuard
 from polyv_sms.polyv.client import PolyvClient
 
@@ -26,12 +27,14 @@ __all__ = ["AccountRuntime", "Runtime", "build_runtime", "get_runtime", "set_run
 
 @dataclass(frozen=True)
 class AccountRuntime:
-    """One account's ledger, Polyv client, rate guard and dispatcher."""
+    """One account's ledger, Polyv client, rate guard, dispatcher and answer journal."""
 
     account: Account
     ledger: Ledger
     client: PolyvClient
     dispatcher: Dispatcher
+    #: Polyv's answers this account's ledger has not taken yet (``None``: no journal).
+    journal: Journal | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Runtime:
     accounts: dict[str, Account] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
     rng: random.Random | None = None
+    #: The first account's journal (each account has its own: :meth:`account`).
+    journal: Journal | None = None
     _built: dict[str, AccountRuntime] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -104,7 +109,8 @@ def build_runtime(
     Raises:
         ConfigError: no account (``POLYV_APP_ID``/``POLYV_APP_SECRET`` nor
             ``SMS_ACCOUNTS_FILE``), a malformed accounts file, or no ledger Redis
-            (``SMS_REDIS_URL``).
+            (``SMS_REDIS_URL``), or a journal directory (``SMS_JOURNAL_DIR``) that cannot be
+            created.
         LedgerUnavailable: the ledger's Redis did not answer within ``SMS_REDIS_OUTAGE`` (it
             is asked whether it is a cluster node).
     """
@@ -123,6 +129,7 @@ def build_runtime(
         built.dispatcher,
         accounts=accounts,
         clock=clock,
+        journal=built.journal,
         rng=rng,
         _built={first.name: built},
     )
@@ -144,6 +151,14 @@ def _build_account(
         account_daily_limit=account.account_daily_limit,
     )
     ledger = build_ledger(own, client, clock=clock)
+    journal = None
+    if settings.journal_dir:
+        try:
+            journal = Journal(settings.journal_dir, account.app_id)
+        except OSError as exc:
+            raise ConfigError(
+                f"{JOURNAL_DIR_ENV}={settings.journal_dir!r}: cannot create the journal ({exc})"
+            ) from None
     polyv = PolyvClient(
         account.app_id,
         account.app_secret,
@@ -164,8 +179,9 @@ def _build_account(
         account=account.name,
         bulk_headroom=account.bulk_headroom,
         guard=RateGuard(ledger, account.polyv_rate),
+        journal=journal,
     )
-    return AccountRuntime(account, ledger, polyv, dispatcher)
+    return AccountRuntime(account, ledger, polyv, dispatcher, journal)
 
 
 _lock = threading.Lock()

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -53,6 +54,8 @@ RESULT_RECONNECT_POLICY = {
 #: (about 2 s, RESULT_RECONNECT_POLICY) or the broker (about 6.5 s, PUBLISH_RETRY_POLICY)
 #: refuses connections. tests/test_edges.py checks it against a stopped redis-server.
 ENQUEUE_BOUND_S = 10.0
+#: Past the holder's lease and takeover grace, how much longer a busy run waits in place.
+_BUSY_WAIT_MARGIN_S = 5.0
 
 
 def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
@@ -242,6 +245,23 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # copy is the only one: requeue it (or, if the broker refuses even that, it stays
         # unacknowledged until the visibility timeout).
         metrics.TASK_RETRIES.labels("publish_failed").inc()
+        if outcome_reason == "busy":
+            # Another run holds the message, and it may finish every number: then nothing in
+            # the ledger would bring this task (and its caller's result) back. Requeueing
+            # through a broker that refuses writes ends the worker (and its in-flight sends),
+            # so wait the holder out here instead: its lease and takeover grace bound it.
+            log.error(
+                "message %s: the retry could not be published (%s); waiting here for the "
+                "run that holds the message",
+                key,
+                type(exc.reason).__name__,
+            )
+            waited = _wait_out_busy(
+                dispatcher, settings, request, key, task_id, give_up=give_up, first_wait_s=countdown
+            )
+            if waited is not None:
+                return waited
+            outcome_reason = "pending"
         known = outcome_reason != "ledger"
         log.error(
             "message %s: the retry could not be published (%s); %s",
@@ -267,6 +287,39 @@ def _broker_countdown(task: SendSmsTask, countdown: float) -> float:
     if broker.startswith(("amqp", "pyamqp")) and detect_quorum_queues(task.app, "amqp")[0]:
         return float(max(1, math.ceil(countdown)))
     return countdown
+
+
+def _wait_out_busy(
+    dispatcher: Any,
+    settings: Settings,
+    request: Any,
+    key: str,
+    task_id: str,
+    *,
+    give_up: str | None,
+    first_wait_s: float,
+) -> dict[str, Any] | None:
+    """Run the message again in place while another run holds it (the broker refused the
+    retry). Bounded by the holder's lease plus the takeover grace.
+
+    Returns:
+        The result, or ``None`` when the message still has numbers pending (the ledger's
+        ``pending`` entry and this task's stored request let the reconciler bring it back).
+    """
+    deadline = time.monotonic() + settings.lease_s + settings.takeover_grace_s + _BUSY_WAIT_MARGIN_S
+    wait = first_wait_s
+    while time.monotonic() + wait < deadline:
+        time.sleep(wait)
+        try:
+            outcome = dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
+        except (LedgerUnavailable, redis.RedisError):
+            return None
+        if outcome.result is not None:
+            return dict(outcome.result)
+        if outcome.reason != "busy":
+            return None
+        wait = outcome.retry_in or 1.0
+    return None
 
 
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:

@@ -83,6 +83,25 @@ def bind_arguments(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None)
     return bound
 
 
+def _encodable(text: str, field: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as ``"\\ud83d"``): it
+    cannot be sent as UTF-8, and would crash the task instead of failing here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{field}: is not valid Unicode text (a lone surrogate at character {exc.start})"
+        ) from None
+
+
+def _number_text(value: int, field: str) -> str:
+    """An int as text; an int too long to turn into text (over 4300 digits) is refused."""
+    try:
+        return str(value)
+    except ValueError:
+        raise InvalidRequest(f"{field}: the integer has far too many digits") from None
+
+
 def _list(bound: Mapping[str, Any], name: str) -> list[Any]:
     if name not in bound or bound[name] is None:
         raise InvalidRequest(f"{name}: missing; give a list")
@@ -117,7 +136,15 @@ def validate_request(
             f"phone_numbers: {len(numbers)} numbers is more than the account's daily limit "
             f"of {account_daily_limit}"
         )
-    numbers = [str(n) if isinstance(n, int) and not isinstance(n, bool) else n for n in numbers]
+    numbers = [
+        _number_text(n, f"phone_numbers[{i}]")
+        if isinstance(n, int) and not isinstance(n, bool)
+        else n
+        for i, n in enumerate(numbers)
+    ]
+    for i, number in enumerate(numbers):
+        if isinstance(number, str):
+            _encodable(number, f"phone_numbers[{i}]")
     names = _list(bound, "template_param_names")
     values = _list(bound, "template_param_values")
     if len(names) > MAX_PARAMS:
@@ -131,6 +158,7 @@ def validate_request(
             raise InvalidRequest(
                 f"template_param_names[{i}]: must be 1 to {MAX_PARAM_CHARS} characters"
             )
+        _encodable(name, f"template_param_names[{i}]")
     if len(set(names)) != len(names):
         raise InvalidRequest("template_param_names: names repeat")
     if len(values) != len(names):
@@ -145,7 +173,12 @@ def validate_request(
                 f"template_param_values[{i}]: must be a string or a number, "
                 f"not {type(value).__name__}"
             )
-        text = value if isinstance(value, str) else str(value)
+        field = f"template_param_values[{i}]"
+        if isinstance(value, int) and not isinstance(value, str):
+            text = _number_text(value, field)
+        else:
+            text = value if isinstance(value, str) else str(value)
+        _encodable(text, field)
         if not text.strip():
             # An SMS with an empty code or name is always a bug of the caller, never intended.
             raise InvalidRequest(
@@ -175,4 +208,6 @@ def validate_request(
     lane = bound.get("lane", DEFAULT_LANE)
     if lane not in LANES:
         raise InvalidRequest(f"lane: {lane!r} is not one of {', '.join(LANES)}")
+    if message_id is not None:
+        _encodable(message_id, "message_id")
     return SmsRequest(tuple(numbers), tuple(names), tuple(texts), message_id, account, lane)

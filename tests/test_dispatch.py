@@ -15,6 +15,7 @@ import redis
 from helpers import CannedServer
 
 from polyv_sms.dispatch import Dispatcher
+from polyv_sms.errors import InvalidRequest
 from polyv_sms.ledger import Ledger
 from polyv_sms.ledger.reconcile import Reconciler
 from polyv_sms.polyv.client import PolyvClient
@@ -264,28 +265,33 @@ def test_rate_limiting_waits_and_does_not_use_up_attempts(client, account, clock
     assert result["results"][0]["attempts"] == 1
 
 
-def test_same_message_id_with_other_numbers_is_reconciled_per_task(client, account, clock) -> None:
+def test_same_message_id_with_other_numbers_is_refused_and_never_sent(
+    client, account, clock
+) -> None:
+    """Design invariant 7: one message id is one request. (It used to send the second
+    content under the first's id; the reconciler then revived each task with its own.)"""
     with PolyvSimulator(account[0], account[1], clock=clock) as sim:
-        sim.set_faults(fail_numbers={"13900000042": 1})
+        sim.set_faults(fail_numbers={"13900000041": 2})
         dispatcher = make(client, account, sim.url, clock)
         first = dispatcher.run(
             request(["13900000041"], "shared"), message_id="shared", task_id="task-1"
         )
-        assert first.result is not None
+        assert first.result is None  # status 11: waiting for its retry
         clock.now += 1
-        second = dispatcher.run(
-            request(["13900000042"], "shared"), message_id="shared", task_id="task-2"
-        )
-        assert second.result is None  # status 11: waiting for its retry
+        with pytest.raises(InvalidRequest, match="message_id 'shared' was already used"):
+            dispatcher.run(request(["13900000042"], "shared"), message_id="shared", task_id="t2")
+        assert sim.received("13900000042") == 0
+        # The same content under the same id is the same request: both tasks come back.
+        dispatcher.run(request(["13900000041"], "shared"), message_id="shared", task_id="task-3")
         enqueued: list[tuple[str, str, dict[str, Any]]] = []
         reconciler = Reconciler(dispatcher.ledger, lambda *a: enqueued.append(a), interval_s=5)
         clock.now += 300
         assert reconciler.sweep() == ["shared"]
-        # Only the task whose numbers are still pending comes back, with its own numbers.
-        assert [(m, t, k["phone_numbers"]) for m, t, k in enqueued] == [
-            ("shared", "task-2", ["13900000042"])
+        assert sorted((m, t, tuple(k["phone_numbers"])) for m, t, k in enqueued) == [
+            ("shared", "task-1", ("13900000041",)),
+            ("shared", "task-3", ("13900000041",)),
         ]
-        result = run_until_done(dispatcher, request(["13900000042"], "shared"), "shared", clock)
+        result = run_until_done(dispatcher, request(["13900000041"], "shared"), "shared", clock)
     assert result["results"][0]["outcome"] == "accepted"
 
 

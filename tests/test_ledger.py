@@ -272,6 +272,13 @@ def test_lease_keeps_a_second_run_out_until_it_expires(ledger: Ledger, clock: Cl
     assert busy.busy_for_s == pytest.approx(30.0, abs=0.01)
     assert busy.states == ()
     clock.now += 31
+    # Expired: its holder still gets the takeover grace, counted from this first sighting
+    # (it may have Polyv's answer in its journal, waiting for the ledger).
+    graced = ledger.reserve("m", [A], token="second")
+    assert graced.busy_for_s == pytest.approx(ledger.takeover_grace_s, abs=0.01)
+    clock.now += ledger.takeover_grace_s - 1
+    assert ledger.reserve("m", [A], token="second").busy_for_s == pytest.approx(1.0, abs=0.01)
+    clock.now += 1
     taken = ledger.reserve("m", [A], token="second")
     assert taken.busy_for_s is None
     assert taken.states[0].attempts == 2

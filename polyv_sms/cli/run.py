@@ -15,7 +15,6 @@ from typing import Any, NoReturn
 import click
 
 from polyv_sms.ledger import stored_requests
-from polyv_sms.polyv.phones import check_phone
 
 __all__ = [
     "EXIT_FAILURE",
@@ -153,25 +152,20 @@ def exec_supervisor(program: str, config: str, args: tuple[str, ...]) -> NoRetur
 def requeue_kwargs(message_id: str, record: Mapping[str, str], failed: set[str]) -> dict[str, Any]:
     """The ``send_sms`` arguments that send a message's failed numbers again.
 
-    A message id may have been enqueued by several tasks (one stored request each): the
-    requests holding a failed number give their numbers together, with the template of the
-    latest of them. Accepted numbers among them are skipped by the ledger.
+    One message id is one content (the ledger refuses another): the message's stored request,
+    its input as given, byte for byte. Accepted numbers among them are skipped by the ledger.
+    (``failed`` is kept for callers; every stored request of a message has the same content.)
     """
-    requests = stored_requests(record)
-    holding = [
-        request
-        for request in requests
-        if failed & {check_phone(raw).number or str(raw) for raw in request["phone_numbers"]}
-    ] or requests
-    numbers = list(dict.fromkeys(raw for request in holding for raw in request["phone_numbers"]))
+    del failed
+    first = stored_requests(record)[0]
     return {
-        "phone_numbers": numbers,
-        "template_param_names": holding[-1]["template_param_names"],
-        "template_param_values": holding[-1]["template_param_values"],
+        "phone_numbers": first["phone_numbers"],
+        "template_param_names": first["template_param_names"],
+        "template_param_values": first["template_param_values"],
         "message_id": message_id,
     } | {
         # The account and lane it was enqueued with: never another account's.
-        key: holding[-1][key]
+        key: first[key]
         for key, default in (("account", "default"), ("lane", "standard"))
-        if holding[-1].get(key, default) != default
+        if first.get(key, default) != default
     }

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from polyv_sms import metrics
+from polyv_sms.ledger.journal import Journal
 from polyv_sms.ledger.records import stored_requests
 from polyv_sms.ledger.store import Ledger
 from polyv_sms.polyv.phones import check_phone
@@ -47,12 +48,21 @@ class Reconciler:
         enqueue: publishes the task.
         interval_s: seconds between sweeps (the lock lives this long).
         batch: messages handled per sweep at most.
+        journal: this host's answer journal, replayed before each sweep (an answer waiting
+            there must reach the ledger before its message is judged overdue).
     """
 
     def __init__(
-        self, ledger: Ledger, enqueue: Enqueue, *, interval_s: float, batch: int = 100
+        self,
+        ledger: Ledger,
+        enqueue: Enqueue,
+        *,
+        interval_s: float,
+        batch: int = 100,
+        journal: Journal | None = None,
     ) -> None:
         self.ledger = ledger
+        self.journal = journal
         self.enqueue = enqueue
         self.interval_s = interval_s
         self.batch = batch
@@ -68,6 +78,8 @@ class Reconciler:
         """
         ledger, keys = self.ledger, self.ledger.keys
         client = ledger.redis
+        if self.journal is not None:
+            self.journal.replay(ledger)
         now = ledger.clock()
         # The lock keeps sweeps of several workers from overlapping; it expires on its own if
         # a sweeper dies, and is released when the sweep ends.
@@ -116,8 +128,12 @@ class Reconciler:
         if not int(record.get("pending") or 0):
             ledger.call(ledger.redis.zrem, keys.pending, message_id)
             return False
-        if int(record.get("lease_until") or 0) > now * 1000:
+        lease_until = int(record.get("lease_until") or 0)
+        if lease_until > now * 1000:
             return False  # a run is sending it right now
+        stale = int(record.get("lease_stale") or 0)
+        if stale >= lease_until and stale + ledger.takeover_grace_s * 1000 > now * 1000:
+            return False  # its run's lease ran out; the run still has its takeover grace
         pending = {
             field[2:]
             for field, value in record.items()

@@ -7,6 +7,7 @@ one ``req:<task id>`` field per task that enqueued the message (its request, as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ __all__ = [
     "NumberState",
     "Reservation",
     "Settlement",
+    "content_fingerprint",
     "parse_record",
     "parse_states",
     "stored_requests",
@@ -65,7 +67,8 @@ class NumberState(NamedTuple):
     Attributes:
         number: the normalised number (or the input text of an invalid one).
         state: ``reserved``, a final outcome, or (from ``reserve`` only) ``send`` when this
-            attempt is granted and ``exhausted`` when no attempt is left.
+            attempt is granted, ``exhausted`` when no attempt is left and ``unsettled`` (at
+            most once) when the run that sent its last attempt was lost before it settled.
         day: the day (``YYYYMMDD``) the quota unit was taken from.
         attempts: Polyv requests that carried this number for this message.
         status: Polyv's last per-number status, if any.
@@ -96,21 +99,44 @@ class Reservation:
             after this many seconds. ``states`` is empty then.
         pending: numbers of the message still reserved (in flight or waiting for a retry).
         states: one entry per number asked about, in the order asked.
+        conflict: the message id was used with another content; nothing was reserved.
     """
 
     busy_for_s: float | None
     pending: int
     states: tuple[NumberState, ...]
+    conflict: bool = False
 
 
 class Settlement(NamedTuple):
-    """What to record for one number after a Polyv request (see lua/settle.lua)."""
+    """What to record for one number after a Polyv request (see lua/settle.lua).
+
+    ``attempt`` is the attempt the answer is for (the reservation's count); ``None`` for a
+    number this run did not send. It makes replays safe: a non-final action applies only while
+    the number is still at that attempt.
+    """
 
     number: str
     action: str
     status: int | None = None
     serial_no: str | None = None
     error: str = ""
+    attempt: int | None = None
+
+
+#: The parts of a request that are its content (the task id and creation time are not).
+CONTENT_FIELDS = ("phone_numbers", "template_param_names", "template_param_values")
+
+
+def content_fingerprint(request: Mapping[str, Any]) -> str:
+    """The fingerprint of a request's content: its numbers, names and values as given.
+
+    One message id is one content: ``reserve`` refuses a message id first seen with another
+    fingerprint. (JSON keeps each value's type, so ``"1"`` and ``1`` differ.)
+    """
+    content = [request[name] for name in CONTENT_FIELDS]
+    text = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def parse_states(numbers: Iterable[str], records: Sequence[Any]) -> tuple[NumberState, ...]:

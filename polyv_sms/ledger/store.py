@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 import redis
 
-from polyv_sms.config import Settings
+from polyv_sms.config import DEFAULT_TAKEOVER_GRACE_S, Settings
 from polyv_sms.errors import LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger.connection import (
     DEFAULT_REDIS_CONNECT_TIMEOUT_S,
@@ -51,6 +51,7 @@ from polyv_sms.ledger.records import (
     NumberState,
     Reservation,
     Settlement,
+    content_fingerprint,
     parse_record,
     parse_states,
 )
@@ -131,6 +132,8 @@ class Ledger:
         lease_s: how long one run holds a message's pending numbers.
         reconcile_grace_s: how long after a retry is due the reconciler re-enqueues it.
         outage_s: how long a call keeps retrying while Redis is unreachable.
+        takeover_grace_s: how long an expired lease is left to its holder before another run
+            takes its numbers over (see ``lua/reserve.lua``).
         clock: the current time in seconds.
     """
 
@@ -147,6 +150,7 @@ class Ledger:
         lease_s: float,
         reconcile_grace_s: float,
         outage_s: float = 30.0,
+        takeover_grace_s: float = DEFAULT_TAKEOVER_GRACE_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
@@ -162,6 +166,7 @@ class Ledger:
         self.reconcile_grace_s = reconcile_grace_s
         self.clock = clock
         self.outage_s = outage_s
+        self.takeover_grace_s = takeover_grace_s
         self._today: tuple[float, float, str] = (0.0, 0.0, "")
         self._reserve = client.register_script(load_script("reserve"))
         self._settle = client.register_script(load_script("settle"))
@@ -170,14 +175,21 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger(app_id={self.app_id!r})"
 
-    def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    def call(
+        self,
+        fn: Callable[..., _T],
+        *args: Any,
+        on_outage: Callable[[], object] | None = None,
+        **kwargs: Any,
+    ) -> _T:
         """Run one Redis call, riding out a short outage.
 
         A connection or timeout error, Redis loading its data, a read-only replica (failover)
         or a full Redis (``maxmemory`` with ``noeviction``) is retried after 50 ms, doubling up
         to 1 s apart, until ``outage_s`` have passed since the first attempt. (A plain loop,
         not tenacity: this is on every message's path, and tenacity's bookkeeping costs more
-        than the loop.)
+        than the loop.) ``on_outage`` is called once, when the first attempt fails (the
+        dispatcher makes its journal entry durable then).
 
         An error that retrying will not clear (see :class:`~polyv_sms.errors.LedgerBroken`)
         is raised at once: retried through the broker, it would loop forever.
@@ -196,6 +208,11 @@ class Ledger:
                     raise LedgerBroken(
                         f"ledger Redis (SMS_REDIS_URL): {type(exc).__name__}: {exc}"
                     ) from exc
+                if on_outage is not None and attempt == 1:
+                    try:
+                        on_outage()
+                    except Exception:
+                        log.exception("ledger: the outage callback failed")
                 if time.monotonic() - started >= self.outage_s:
                     kind = type(exc).__name__
                     raise LedgerUnavailable(f"ledger Redis unavailable: {kind}") from exc
@@ -247,6 +264,7 @@ class Ledger:
         token: str,
         meta: Mapping[str, object] | None = None,
         account_limit: int | None = None,
+        resend_unsettled: bool = True,
     ) -> Reservation:
         """Take a quota unit for each new number and grant this attempt to reserved ones.
 
@@ -256,14 +274,19 @@ class Ledger:
             invalid: ``(input text, reason)`` of numbers that failed validation; recorded as
                 ``invalid`` unless the message already has an outcome for them.
             token: this run's lease token.
-            meta: the request (with its ``task_id``), stored once per task, for the reconciler
-                and ``dead --requeue``.
+            meta: the request (with its ``task_id`` and its input as given: ``phone_numbers``,
+                ``template_param_names``, ``template_param_values``), stored once per task,
+                for the reconciler and ``dead --requeue``. Its content is the message's: a
+                message id first reserved with another content is refused.
             account_limit: the account's daily count new numbers may take it up to (its
                 lane's limit: less than the account's limit for bulk); the account's limit
                 when ``None``.
+            resend_unsettled: ``False`` at most once: a number whose last attempt's run was
+                lost before it settled gets the verdict ``unsettled`` instead of an attempt.
 
         Returns:
-            The decision for each number, in order.
+            The decision for each number, in order; ``conflict`` is set (and nothing was
+            written) when the message id was used with another content.
         """
         now = self.clock()
         now_ms = int(now * 1000)
@@ -285,12 +308,17 @@ class Ledger:
             json.dumps(meta, separators=(",", ":"), ensure_ascii=False) if meta else "",
             len(numbers),
             len(invalid),
+            content_fingerprint(meta) if meta else "",
+            int(self.takeover_grace_s * 1000),
+            "" if resend_unsettled else "1",
             *numbers,
         ]
         for text, reason in invalid:
             args += [text, reason]
         keys = [self.keys.message(message_id), self.keys.quota(day), self.keys.pending]
         reply = self.call(self._reserve, keys=keys, args=args)
+        if reply[0] == "conflict":
+            return Reservation(None, 0, (), conflict=True)
         if reply[0] == "busy":
             return Reservation(int(reply[1]) / 1000, 0, ())
         asked = [*numbers, *(text for text, _ in invalid)]
@@ -304,6 +332,8 @@ class Ledger:
         days: Mapping[str, str],
         token: str,
         retry_at: float,
+        now: float | None = None,
+        on_outage: Callable[[], object] | None = None,
     ) -> tuple[int, tuple[NumberState, ...]]:
         """Record Polyv's answers for the numbers of one request.
 
@@ -313,12 +343,15 @@ class Ledger:
             days: for each reserved number, the day its unit was taken from.
             token: this run's lease token (released).
             retry_at: when a retry of the numbers left reserved is due (seconds).
+            now: when the answer was read (a journal replay gives the original time, so
+                that a receipt keeps its day); the clock when omitted.
+            on_outage: called once if the first attempt finds Redis unavailable.
 
         Returns:
             ``(pending, states)``: numbers of the message still reserved, and the state of
             each number settled, in order.
         """
-        now = self.clock()
+        now = self.clock() if now is None else now
         today = self.day(now)
         keys = [
             self.keys.message(message_id),
@@ -339,23 +372,33 @@ class Ledger:
             self.receipts_expireat(today),
             len(items),
         ]
+
+        def key_index(day: str) -> int:
+            quota_key = self.keys.quota(day)
+            found = index.get(quota_key, 0)
+            if not found:
+                keys.append(quota_key)
+                found = index[quota_key] = len(keys)
+            return found
+
         for item in items:
             day = days.get(item.number)
-            quota = 0
+            quota: int | str = 0
             if day:
-                quota_key = self.keys.quota(day)
-                quota = index.get(quota_key, 0)
-                if not quota:
-                    keys.append(quota_key)
-                    quota = index[quota_key] = len(keys)
+                quota = key_index(day)
+                if item.action == "quota" and day != today:
+                    # Polyv's -1 is about today's limit: raise today's counter, not the
+                    # reservation day's (an answer read after midnight).
+                    quota = f"{quota}:{key_index(today)}"
             status = "" if item.status is None else item.status
-            # Three values per number, not six: redis-py packs each value on its own.
+            attempt = "" if item.attempt is None else item.attempt
+            # Three values per number, not seven: redis-py packs each value on its own.
             args += [
                 item.number,
                 item.serial_no or "",
-                f"{item.action}|{status}|{quota}|{item.error}",
+                f"{item.action}|{status}|{quota}|{attempt}|{item.error}",
             ]
-        reply = self.call(self._settle, keys=keys, args=args)
+        reply = self.call(self._settle, keys=keys, args=args, on_outage=on_outage)
         return int(reply[0]), parse_states((item.number for item in items), reply[1:])
 
     def requeue(self, message_id: str) -> list[str]:
@@ -367,6 +410,12 @@ class Ledger:
         keys = [self.keys.message(message_id), self.keys.dead]
         reply = self.call(self._requeue, keys=keys, args=[message_id])
         return [str(number) for number in reply]
+
+    def lease_holder(self, message_id: str) -> str | None:
+        """The token of the run whose lease is left on a message (live or expired), if any:
+        a run that took an attempt and has not settled it."""
+        value = self.call(self.redis.hget, self.keys.message(message_id), "lease")
+        return None if value is None else str(value)
 
     def peek(self, message_id: str, numbers: Sequence[str]) -> dict[str, NumberState]:
         """Read the stored state of some numbers of a message (one ``HMGET``).
@@ -414,5 +463,6 @@ def build_ledger(
         lease_s=settings.lease_s,
         reconcile_grace_s=settings.reconcile_grace_s,
         outage_s=settings.redis_outage_s,
+        takeover_grace_s=settings.takeover_grace_s,
         clock=clock,
     )

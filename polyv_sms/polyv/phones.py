@@ -35,11 +35,24 @@ class PhoneCheck:
     reason: str | None = None
 
 
+#: Digits of an int shown at most (Python refuses to turn an int of over 4300 digits into
+#: text, and no number has more than 15).
+_MAX_INT_DIGITS = 64
+
+
+def _int_text(value: int) -> str | None:
+    """The int as text, or ``None`` when it has more than ``_MAX_INT_DIGITS`` digits."""
+    if abs(value).bit_length() > _MAX_INT_DIGITS * 3.33:  # 2**213 > 10**64: too long anyway
+        return None
+    text = str(value)
+    return text if len(text.lstrip("-")) <= _MAX_INT_DIGITS else None
+
+
 def _as_text(value: object) -> str:
     if isinstance(value, str):
         return value[:_MAX_INPUT_CHARS]
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        return _int_text(value) or f"<an integer of {value.bit_length()} bits>"
     return repr(value)[:_MAX_INPUT_CHARS]
 
 
@@ -66,6 +79,11 @@ def check_phone(value: object) -> PhoneCheck:
         return PhoneCheck(raw, None, f"must be a string or an integer, not {type(value).__name__}")
     if isinstance(value, str) and len(value) > _MAX_INPUT_CHARS:
         return PhoneCheck(raw, None, f"is {len(value)} characters long; a number has 11 digits")
+    if isinstance(value, int) and _int_text(value) is None:
+        return PhoneCheck(raw, None, "is an integer far longer than a number's 11 digits")
+    if str(value).strip().startswith("-"):
+        # A dash separates digits; a leading one is a minus sign, not part of a number.
+        return PhoneCheck(raw, None, "is negative (starts with a minus sign)")
     text = _SEPARATORS.sub("", str(value))
     if not text:
         return PhoneCheck(raw, None, "is empty")

@@ -316,3 +316,85 @@ class ReplyDroppingProxy:
                 self.dropped += 1
                 return True
             return False
+
+
+class TricklingProxy:
+    """An HTTP proxy in front of the simulator whose first ``trickle`` answers arrive slowly:
+    the request reaches the simulator at once (Polyv processes it), and the answer's bytes are
+    passed on one at a time, spread over ``duration_s`` - each read well inside any socket
+    timeout, the whole answer far beyond it. Later answers pass at full speed.
+    """
+
+    def __init__(self, upstream_port: int, duration_s: float, trickle: int = 1) -> None:
+        self.upstream_port = upstream_port
+        self.duration_s = duration_s
+        self.left = trickle
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cut_short = 0  # trickled answers the client stopped reading
+        self.delivered = 0  # trickled answers passed on whole
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        from helpers import read_http_request
+
+        with client:
+            while request := read_http_request(client):
+                with socket.create_connection(("127.0.0.1", self.upstream_port)) as upstream:
+                    upstream.sendall(request)
+                    answer = _read_http_answer(upstream)
+                with self._lock:
+                    slow, self.left = self.left > 0, self.left - 1
+                if not slow:
+                    client.sendall(answer)
+                    continue
+                pause = self.duration_s / max(len(answer), 1)
+                try:
+                    for index in range(len(answer)):
+                        client.sendall(answer[index : index + 1])
+                        if self._stopped.wait(pause):
+                            return
+                except OSError:
+                    self.cut_short += 1
+                    return
+                self.delivered += 1
+
+
+def _read_http_answer(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    # One answer per connection to the simulator; the client may keep its own open.
+    head = b"\r\n".join(
+        line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")
+    )
+    return head + b"\r\n\r\n" + body

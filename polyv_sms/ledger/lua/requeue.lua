@@ -15,7 +15,8 @@ local record = redis.call('HGETALL', KEYS[1])
 for i = 1, #record, 2 do
   local field, value = record[i], record[i + 1]
   if string.sub(field, 1, 2) == 'n:' and string.sub(value, 1, 7) == 'failed|' then
-    redis.call('HDEL', KEYS[1], field)
+    -- (and its refund note: a new attempt takes a new unit)
+    redis.call('HDEL', KEYS[1], field, 'r:' .. string.sub(field, 3))
     reset[#reset + 1] = string.sub(field, 3)
   end
 end

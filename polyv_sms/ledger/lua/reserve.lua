@@ -26,24 +26,35 @@ ARGV[12] field of this task's request, "req:<task id>", or "" (nothing to store)
 ARGV[13] the request (JSON), stored once per task with HSETNX
 ARGV[14] n: how many valid numbers follow
 ARGV[15] m: how many invalid (number, reason) pairs follow them
-ARGV[16 .. 15+n]           the valid numbers (normalised, 11 digits)
-ARGV[16+n .. 15+n+2m]      invalid number text, reason
+ARGV[16] the content's fingerprint (sha256 of the numbers, names and values as given), or ""
+ARGV[17] takeover grace (ms): how long an expired lease is left to its holder, counted from
+         the first reserve that saw it expired, before another run takes the numbers over
+ARGV[18] "1" at most once (SMS_RETRY_AMBIGUOUS=false): a number whose last attempt was never
+         settled (its run's lease ran out) is not sent again: verdict "unsettled"
+ARGV[19 .. 18+n]           the valid numbers (normalised, 11 digits)
+ARGV[19+n .. 18+n+2m]      invalid number text, reason
 
 Message record fields:
   req:<task id> JSON of each task's request (task id, names, values, numbers, created at),
                 for the reconciler and requeue: a message id may be enqueued again by another
                 task with other numbers
+  content       fingerprint of the message's content: one message id is one content
   lease         token of the run that holds the pending numbers; lease_until (ms)
+  lease_stale   (ms) when a reserve first saw the current lease expired (takeover grace)
+  lease_at      (ms) when the lease was taken: the numbers it granted an attempt to carry it
+                as their updated_ms until they are settled
   pending       how many numbers are "reserved"
   n:<number>    "state|day|attempts|status|serial|updated_ms|error"
                 state: reserved accepted invalid quota_exceeded account_quota_exceeded failed
 
-Returns {"busy", ms_left} when another run holds the lease, else
+Returns {"conflict"} when the message id was used with another content (nothing is written),
+{"busy", ms_left} when another run holds the lease (the request is recorded first), else
 {"ok", pending, then one string per number, in the order asked:
 "verdict|day|attempts|status|serial|updated|error"} (the number's n:<number> field as it now
 is, with the verdict in place of the state) where
 verdict is "send" (a unit is held and this attempt is granted), "exhausted" (reserved but no
-attempts left) or the final state.
+attempts left), "unsettled" (at most once: the run that sent its last attempt was lost before
+it settled; Polyv may have sent it) or the final state.
 
 Cost: the records and today's counts of all numbers are read with one HMGET each and every
 write to the record goes in one HSET at the end, so a call runs about 10 Redis commands whatever
@@ -59,18 +70,46 @@ local max_attempts = tonumber(ARGV[7])
 local token = ARGV[8]
 local n = tonumber(ARGV[14])
 local m = tonumber(ARGV[15])
+local FIRST = 19  -- ARGV index of the first number
 
-local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending')
+local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending', 'content', 'lease_stale',
+  'lease_at')
 local holder = head[1]
+-- Set when this call takes over a lease whose run never settled: the numbers it was sending.
+local orphaned_at = nil
+
+-- ---- one message id, one content; the request recorded before anything can return busy --
+if ARGV[16] ~= '' then
+  if head[4] and head[4] ~= ARGV[16] then
+    return {'conflict'}
+  end
+  if not head[4] then
+    redis.call('HSET', msg, 'content', ARGV[16])
+  end
+end
+if ARGV[12] ~= '' then
+  redis.call('HSETNX', msg, ARGV[12], ARGV[13])
+end
+
+-- ---- the lease: a live one is respected; an expired one is left to its holder for a grace --
+-- (it may hold Polyv's answer in its journal, waiting for the ledger to come back: the grace
+-- counts from the first reserve that saw the lease expired, so the ledger has been up for it)
 if holder and holder ~= token then
   local lease_until = tonumber(head[2] or '0')
   if lease_until > now then
+    redis.call('EXPIRE', msg, ARGV[4])
     return {'busy', tostring(lease_until - now)}
   end
-end
-
-if ARGV[12] ~= '' then
-  redis.call('HSETNX', msg, ARGV[12], ARGV[13])
+  local grace = tonumber(ARGV[17])
+  local stale = tonumber(head[5] or '0')
+  if stale < lease_until then
+    redis.call('HSET', msg, 'lease_stale', now)
+    redis.call('EXPIRE', msg, ARGV[4])
+    if grace > 0 then return {'busy', tostring(grace)} end
+  elseif stale + grace > now then
+    return {'busy', tostring(stale + grace - now)}
+  end
+  if ARGV[18] == '1' then orphaned_at = head[6] end
 end
 
 -- The records of every number asked about, and today's counts of the valid ones (plus the
@@ -78,11 +117,11 @@ end
 local records, counts = {}, {}
 do
   local fields, numbers = {}, {'_total'}
-  for i = 16, 15 + n do
+  for i = FIRST, FIRST - 1 + n do
     fields[#fields + 1] = 'n:' .. ARGV[i]
     numbers[#numbers + 1] = ARGV[i]
   end
-  for i = 16 + n, 15 + n + 2 * m, 2 do
+  for i = FIRST + n, FIRST - 1 + n + 2 * m, 2 do
     fields[#fields + 1] = 'n:' .. ARGV[i]
   end
   local stored = hmget(msg, fields)
@@ -111,7 +150,7 @@ local used = tonumber(counts['_total'] or '0')
 local taken, sends = 0, 0
 local pending = tonumber(head[3] or '0')
 
-for i = 16, 15 + n do
+for i = FIRST, FIRST - 1 + n do
   local number = ARGV[i]
   local field = 'n:' .. number
   local current = records[field]
@@ -125,6 +164,8 @@ for i = 16, 15 + n do
       -- was lost (a Redis restart). Grant the same attempt again; count it once.
       emit('send', current)
       sends = sends + 1
+    elseif orphaned_at and updated == orphaned_at then
+      emit('unsettled', current)
     elseif attempts >= max_attempts then
       emit('exhausted', current)
     else
@@ -163,7 +204,7 @@ for i = 16, 15 + n do
   end
 end
 
-for i = 16 + n, 15 + n + 2 * m, 2 do
+for i = FIRST + n, FIRST - 1 + n + 2 * m, 2 do
   local number, reason = ARGV[i], ARGV[i + 1]
   local field = 'n:' .. number
   local current = records[field]
@@ -190,6 +231,8 @@ if sends > 0 then
   writes[#writes + 1] = token
   writes[#writes + 1] = 'lease_until'
   writes[#writes + 1] = now + tonumber(ARGV[9])
+  writes[#writes + 1] = 'lease_at'
+  writes[#writes + 1] = ARGV[1]
   redis.call('ZADD', pending_set, ARGV[10], ARGV[11])
 end
 hset(msg, writes)

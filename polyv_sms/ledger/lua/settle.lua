@@ -1,7 +1,14 @@
 --[[
 settle.lua — record Polyv's answer for the numbers of one request. One round trip, atomic.
 
-A number already in a final state is left as it is (settling twice changes nothing).
+A number already in a final state is left as it is (settling twice changes nothing), with one
+exception: Polyv's status 12 is a fact whichever run read it, so a 12 turns a "failed" number
+"accepted" (a run whose lease was lost read it after another run gave the number up), and a
+12 with another serialNo for an accepted number adds its receipt (it was sent twice: every
+receipt read is kept).
+Safe to replay (the ledger retries a call whose reply was lost, and replays settles kept in
+the local journal, see ledger/journal.py): an item that names the attempt it answers applies
+its non-final actions only while the number is still at that attempt.
 Refunds go to the quota hash of the day the unit was taken from and never take a counter
 below zero; an expired day is not recreated.
 
@@ -23,8 +30,10 @@ ARGV[6]  score for KEYS[2] when numbers stay reserved (ms; when the reconciler m
 ARGV[7]  message id
 ARGV[8]  EXPIREAT of KEYS[4] and KEYS[5] (the end of the receipt retention of their day)
 ARGV[9]  k: how many numbers follow, 3 fields each:
-         number, serial (or ""), "action|status|quota key index|error"
-         (the index into KEYS, 0 = none; the error is last and may contain "|")
+         number, serial (or ""), "action|status|quota key index|attempt|error"
+         (the index into KEYS, 0 = none; "i:j" for a -1 read on another day than the unit's:
+         j is today's quota hash; attempt: the attempt this answer is for, or "" for
+         a settle of numbers this run did not send; the error is last and may contain "|")
 
 Actions:
   accepted    status 12: final "accepted", receipt written, unit kept
@@ -37,7 +46,8 @@ Actions:
   fail        final "failed", unit refunded, dead set (a Polyv error envelope)
   fail_keep   final "failed", unit kept, dead set (an answer we cannot interpret)
   rate_limited Polyv's rate limiting: stays "reserved" and the attempt is given back (Polyv
-              blocks the IP for minutes; that must not use up the number's attempts)
+              blocks the IP for minutes; that must not use up the number's attempts); given
+              back once: a replay finds the number no longer at the attempt it names
 
 While another run holds a live lease on the message, only Polyv's final answers (accepted,
 invalid, quota) change its reserved numbers: that run is sending them, and a failure this run
@@ -77,6 +87,12 @@ local function refund(quota, number)
   end
 end
 
+-- Numbers whose unit was refunded when they ended failed: "r:<number>" -> 1, so that a late
+-- status 12 (the number was sent after all) takes the unit again.
+local function note_refund(number)
+  redis.call('HSET', KEYS[1], 'r:' .. number, '1')
+end
+
 local out = {''}
 local head = redis.call('HMGET', msg, 'pending', 'lease', 'lease_until')
 local pending = tonumber(head[1] or '0')
@@ -97,11 +113,24 @@ do
 end
 
 local receipts, accepted_numbers, accepted_serials = {}, {}, {}
+local function add_receipt(number, serial, attempts, d)
+  receipts[#receipts + 1] = serial
+  receipts[#receipts + 1] = number .. '|' .. message_id .. '|' .. now .. '|' .. attempts
+    .. '|' .. d
+  accepted_numbers[#accepted_numbers + 1] = number
+  accepted_serials[#accepted_serials + 1] = serial
+end
+local revived = false  -- a late 12 turned a failed number accepted
+
 for i = FIRST, LAST, 3 do
   local number, serial = ARGV[i], ARGV[i + 1]
-  local action, status, quota_i, err = string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local action, status, quota_i, attempt, err =
+    string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local today_i
+  quota_i, today_i = string.match(quota_i, '^(%d+):?(%d*)$')
   quota_i = tonumber(quota_i)
   local quota = quota_i > 0 and KEYS[quota_i] or nil
+  local today_quota = today_i ~= '' and KEYS[tonumber(today_i)] or nil
   local field = 'n:' .. number
   local current = records[field]
   local state, d, attempts, old_status, old_serial, _, old_err = 'absent', '', '0', '', '', '', ''
@@ -111,20 +140,48 @@ for i = FIRST, LAST, 3 do
   attempts = tonumber(attempts)
   local held = state == 'reserved'
   local new_state = state
+  -- An answer to an attempt the number is no longer at (a replay, or a run whose lease was
+  -- lost) records only Polyv's final answers.
+  local stale = attempt ~= '' and tonumber(attempt) ~= attempts and not FACTS[action]
 
-  if (state == 'reserved' and not (foreign and not FACTS[action])) or state == 'absent' then
+  if action == 'accepted' and serial ~= '' and state == 'accepted' and serial ~= old_serial then
+    -- Sent twice (a run whose lease was lost, at-least-once): keep this receipt too.
+    add_receipt(number, serial, attempts, d)
+  elseif action == 'accepted' and state == 'failed' then
+    -- Given up by another run, yet Polyv accepted it: it was sent. Take its unit again if
+    -- the failure refunded it.
+    if redis.call('HDEL', msg, 'r:' .. number) == 1 and quota
+        and redis.call('EXISTS', quota) == 1 then
+      redis.call('HINCRBY', quota, number, 1)
+      redis.call('HINCRBY', quota, '_total', 1)
+    end
+    if serial ~= '' then add_receipt(number, serial, attempts, d) end
+    if status == '' then status = old_status end
+    current = pack('accepted', d, attempts, status, serial, err)
+    records[field] = current
+    writes[#writes + 1] = field
+    writes[#writes + 1] = current
+    revived = true
+  elseif ((state == 'reserved' and not (foreign and not FACTS[action])) or state == 'absent')
+      and not stale then
     if action == 'accepted' then
       new_state = 'accepted'
-      if serial ~= '' then
-        receipts[#receipts + 1] = serial
-        receipts[#receipts + 1] = number .. '|' .. message_id .. '|' .. now .. '|' .. attempts
-          .. '|' .. d
-        accepted_numbers[#accepted_numbers + 1] = number
-        accepted_serials[#accepted_serials + 1] = serial
-      end
+      if serial ~= '' then add_receipt(number, serial, attempts, d) end
     elseif action == 'invalid' then
       new_state = 'invalid'
       if held then refund(quota, number) end
+    elseif action == 'quota' and today_quota then
+      -- Read after midnight: the unit goes back to its day; today's counter is raised.
+      new_state = 'quota_exceeded'
+      if held then
+        refund(quota, number)
+        local created = redis.call('EXISTS', today_quota) == 0
+        local count = tonumber(redis.call('HGET', today_quota, number) or '0')
+        if count < phone_limit then
+          redis.call('HSET', today_quota, number, phone_limit)
+        end
+        if created then redis.call('EXPIRE', today_quota, 2 * 86400) end
+      end
     elseif action == 'quota' then
       new_state = 'quota_exceeded'
       if held and quota and redis.call('EXISTS', quota) == 1 then
@@ -139,7 +196,10 @@ for i = FIRST, LAST, 3 do
         new_state = 'reserved'
       else
         new_state = 'failed'
-        if held and action == 'retry' then refund(quota, number) end
+        if held and action == 'retry' then
+          refund(quota, number)
+          note_refund(number)
+        end
         err = err .. ' (gave up after ' .. attempts .. ' attempts)'
       end
     elseif action == 'rate_limited' then
@@ -151,7 +211,10 @@ for i = FIRST, LAST, 3 do
       end
     elseif action == 'fail' or action == 'fail_keep' then
       new_state = 'failed'
-      if held and action == 'fail' then refund(quota, number) end
+      if held and action == 'fail' then
+        refund(quota, number)
+        note_refund(number)
+      end
     else
       return redis.error_reply('settle.lua: unknown action ' .. action)
     end
@@ -215,6 +278,16 @@ else
 end
 if failed then
   redis.call('ZADD', dead, now, message_id)
+  -- Trimmed here: entries older than the records' TTL name messages whose records are gone.
+  redis.call('ZREMRANGEBYSCORE', dead, '-inf', '(' .. (tonumber(now) - 1000 * tonumber(ttl)))
+elseif revived then
+  -- The message leaves the dead set once no number of it is failed any more.
+  local still_failed = false
+  local record = redis.call('HGETALL', msg)
+  for j = 2, #record, 2 do
+    if string.sub(record[j], 1, 7) == 'failed|' then still_failed = true end
+  end
+  if not still_failed then redis.call('ZREM', dead, message_id) end
 end
 redis.call('EXPIRE', msg, ttl)
 out[1] = tostring(pending)
