@@ -16,10 +16,12 @@ COPY deploy ./deploy
 
 # supervisord's log files, pid file and control socket (deploy/supervisord.conf)
 ENV SMS_RUN_DIR=/tmp/polyv-sms
+# /var/lib/polyv-sms/journal: where docker-compose.yml mounts the answer journal's volume
+# (SMS_JOURNAL_DIR); made here so that a new volume is the unprivileged user's.
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin sms \
-    && mkdir -p "$SMS_RUN_DIR" \
-    && chown sms "$SMS_RUN_DIR" \
-    && chmod 0700 "$SMS_RUN_DIR"
+    && mkdir -p "$SMS_RUN_DIR" /var/lib/polyv-sms/journal \
+    && chown sms "$SMS_RUN_DIR" /var/lib/polyv-sms/journal \
+    && chmod 0700 "$SMS_RUN_DIR" /var/lib/polyv-sms/journal
 USER sms
 
 # 9100-9101 worker metrics, 8080 simulator, 5555 Flower

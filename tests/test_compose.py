@@ -191,3 +191,16 @@ def test_the_worker_has_a_health_check_and_the_tools_are_pinned(compose, program
     extras = install.group(1).split()[1:]
     assert [re.sub(r"==.*", "", e.strip('"')) for e in extras] == ["supervisor", "flower"]
     assert all(re.fullmatch(r'"[a-z]+==\d+(\.\d+)+"', e) for e in extras), extras
+
+
+def test_the_answer_journal_is_on_a_volume_the_worker_may_write(compose) -> None:
+    # The default journal ($SMS_RUN_DIR/journal) is in the container's /tmp: recreating the
+    # container would lose answers the ledger has not taken yet.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for name in ("worker", "worker-rabbitmq"):
+        service = compose["services"][name]
+        journal = _environment(service)["SMS_JOURNAL_DIR"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert mounts[journal] in compose["volumes"], name
+        # A new named volume takes the owner of the image's directory: the unprivileged user.
+        assert re.search(rf"chown sms [^\n]*{re.escape(journal)}", dockerfile), journal
