@@ -50,7 +50,7 @@ from typing import Any
 import redis
 
 from polyv_sms import metrics
-from polyv_sms.errors import LedgerUnavailable
+from polyv_sms.errors import LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger.records import Settlement
 from polyv_sms.ledger.store import Ledger
 
@@ -208,8 +208,13 @@ class Journal:
                     retry_at=float(entry["retry_at"]),
                     now=float(entry["now"]),
                 )
-            except redis.ResponseError as exc:
-                if not any(mark in str(exc) for mark in _SCRIPT_ERRORS):
+            except (redis.ResponseError, LedgerBroken) as exc:
+                # Ledger.call raises an error that never clears as LedgerBroken, with Redis's
+                # own error as its cause.
+                cause = exc.__cause__ if isinstance(exc, LedgerBroken) else exc
+                if not isinstance(cause, redis.ResponseError) or not any(
+                    mark in str(cause) for mark in _SCRIPT_ERRORS
+                ):
                     raise  # a cluster or permission error: not the entry's fault
                 # Refused by the script itself: replaying it again would fail again and block
                 # the message's next runs. Set aside for an operator (outages still propagate).
