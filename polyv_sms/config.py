@@ -483,7 +483,8 @@ class SentinelUrl:
     The one URL form for a Redis behind Sentinel, for the ledger, the broker and the result
     backend alike. The password is the master's (and its replicas'); sentinels that need one
     of their own take it from the Celery setting ``broker_transport_options['sentinel_kwargs']``
-    (see ``SMS_CELERY_CONFIG``) - the ledger uses the same password for both.
+    (see ``SMS_CELERY_CONFIG``); the ledger sends the sentinels no password, so the
+    sentinels the ledger asks must not require one.
     """
 
     sentinels: tuple[tuple[str, int], ...]
