@@ -318,6 +318,41 @@ def test_sentinel_carries_ledger_broker_and_results_through_a_failover(
     producer.close()
 
 
+def test_an_idle_sentinel_worker_survives_a_failover(
+    sentinels: SentinelSet, account, ha_sim, run_worker
+) -> None:
+    # The common case in production: the worker waits in BRPOP on an empty queue when the
+    # master is demoted; Redis answers that BRPOP "-UNBLOCKED ... (master -> replica?)", which
+    # Celery took for an unrecoverable error: the worker stopped and nothing was sent again.
+    env = _env(
+        account,
+        ha_sim,
+        SMS_BROKER_URL=sentinels.url(0),
+        SMS_RESULT_BACKEND=sentinels.url(1),
+        SMS_REDIS_URL=sentinels.url(2),
+    )
+    worker = run_worker(env)
+    first_master = sentinels.master_port()
+    old = next(n for n in (sentinels.master, sentinels.replica) if n.port == first_master)
+
+    def waiting_in_brpop() -> bool:
+        with old.client() as client:
+            return any(c["cmd"] == "brpop" and "b" in c["flags"] for c in client.client_list())
+
+    wait_for(waiting_in_brpop, 30, 0.05, "the worker to wait in BRPOP")
+    sentinels.failover()
+    assert sentinels.master_port() != first_master
+    producer = _producer(env)
+    message_id = f"idle-{uuid.uuid4().hex[:8]}"
+    result = _by_name(producer, queue="sms")(_numbers(2), message_id)
+    assert result.get(timeout=60)["message_id"] == message_id  # type: ignore[attr-defined]
+    receipts = _receipts(env)
+    wait_for(lambda: _final(receipts, message_id), 60, 0.2, "the message to end")
+    assert worker.alive()
+    assert "Unrecoverable error" not in worker.log()
+    producer.close()
+
+
 def test_rabbitmq_quorum_queues_keep_countdown_retries_working(
     vhost: Vhost, account, ha_sim, redis_server, run_worker
 ) -> None:
