@@ -22,7 +22,9 @@ The settings and why (see docs/configuration.md):
 - ``broker_connection_retry_on_startup``, ``result_backend_always_retry`` and a longer publish
   retry policy ride out a broker restart.
 - ``broker_channel_error_retry`` on Redis brokers: the ``-UNBLOCKED`` answer a demoted master
-  gives the worker's waiting BRPOP (a failover) reconnects the worker instead of stopping it.
+  gives the worker's waiting BRPOP (a failover) reconnects the worker instead of stopping it;
+  a message taken by BRPOP whose unacknowledged record failed is restored, not dropped
+  (:mod:`polyv_sms.unacked`).
 - the threads pool: the work is waiting on HTTP and Redis.
 - task events off (Celery's default): each costs a broker publish; Flower enables them.
 - ``sentinel://`` URLs (this project's one form, see :class:`~polyv_sms.config.SentinelUrl`) are
@@ -222,6 +224,13 @@ def _exit(line: str, code: int) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     raise SystemExit(code) from None
+
+
+@signals.worker_init.connect
+def _keep_unrecorded_messages(**_: Any) -> None:
+    from polyv_sms import unacked  # noqa: PLC0415 - only workers consume
+
+    unacked.install()  # Redis brokers only use it; see polyv_sms/unacked.py
 
 
 @signals.worker_init.connect
