@@ -21,10 +21,9 @@ The settings and why (see docs/configuration.md):
   lets a cold shutdown finish an in-flight Polyv request.
 - ``broker_connection_retry_on_startup``, ``result_backend_always_retry`` and a longer publish
   retry policy ride out a broker restart.
-- ``broker_channel_error_retry`` on Redis brokers: the ``-UNBLOCKED`` answer a demoted master
-  gives the worker's waiting BRPOP (a failover) reconnects the worker instead of stopping it;
-  a message taken by BRPOP whose unacknowledged record failed is restored, not dropped
-  (:mod:`polyv_sms.unacked`).
+- not a setting: on Redis brokers the worker reconnects on the ``-UNBLOCKED`` answer a demoted
+  master gives its waiting BRPOP (a failover) instead of stopping, and a message BRPOP took
+  whose unacknowledged record failed is restored, not dropped (:mod:`polyv_sms.broker_failover`).
 - the threads pool: the work is waiting on HTTP and Redis.
 - task events off (Celery's default): each costs a broker publish; Flower enables them.
 - ``sentinel://`` URLs (this project's one form, see :class:`~polyv_sms.config.SentinelUrl`) are
@@ -134,13 +133,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Accounts (issue 12): names and appIds the producer checks and stamps; no secret.
         **routing.producer_accounts(settings),
     }
-    if settings.broker_url.startswith(("redis", "rediss", "sentinel")):
-        # A Redis master demoted to a replica (a Sentinel failover or switchover, a managed
-        # Redis's failover) answers the worker's waiting BRPOP with "-UNBLOCKED force unblock
-        # from blocking operation": a ResponseError, which kombu counts as a channel error and
-        # Celery, by default, as unrecoverable - the worker would stop. Reconnect instead (kombu
-        # asks Sentinel for the new master), as for the READONLY a later command gets.
-        config["broker_channel_error_retry"] = True
     if result_backend is not None:
         # Left out otherwise: Celery then runs without a result backend (it has no amqp:// one).
         config["result_backend"] = result_backend
@@ -227,10 +219,10 @@ def _exit(line: str, code: int) -> None:
 
 
 @signals.worker_init.connect
-def _keep_unrecorded_messages(**_: Any) -> None:
-    from polyv_sms import unacked  # noqa: PLC0415 - only workers consume
+def _ride_out_a_master_demotion(**_: Any) -> None:
+    from polyv_sms import broker_failover  # noqa: PLC0415 - only workers consume
 
-    unacked.install()  # Redis brokers only use it; see polyv_sms/unacked.py
+    broker_failover.install()  # only Redis brokers use it; see polyv_sms/broker_failover.py
 
 
 @signals.worker_init.connect

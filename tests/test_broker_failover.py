@@ -1,4 +1,7 @@
-"""polyv_sms.unacked: a message BRPOP took whose unacknowledged record failed is not dropped.
+"""polyv_sms.broker_failover: a message BRPOP took whose unacknowledged record failed is kept.
+
+(Its other half, a worker reconnecting on ``-UNBLOCKED``, is tested with a real Sentinel
+switchover: ``tests/ha/test_ha.py::test_an_idle_sentinel_worker_survives_a_failover``.)
 
 A real redis-server and kombu's real Redis transport. The record (``MULTI``/``ZADD``/``HSET``/
 ``EXEC``) is made to fail the way a demoted master makes it fail - after ``BRPOP`` took the
@@ -15,17 +18,17 @@ import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
-from polyv_sms import unacked
+from polyv_sms import broker_failover
 
 DB = 3  # not the session's broker, results or ledger database
 
 
 @pytest.fixture
 def keeping() -> Iterator[None]:
-    original = kombu_redis.Channel.QoS
-    unacked.install()
+    qos, brpop_read = kombu_redis.Channel.QoS, kombu_redis.Channel._brpop_read
+    broker_failover.install()
     yield
-    kombu_redis.Channel.QoS = original
+    kombu_redis.Channel.QoS, kombu_redis.Channel._brpop_read = qos, brpop_read
 
 
 def _take_with_failing_record(url: str, client: redis.Redis) -> str:

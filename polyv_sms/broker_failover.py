@@ -1,21 +1,29 @@
-"""A message a worker took from a Redis queue but could not record as unacknowledged is kept.
+"""What the worker changes in kombu's Redis transport so that it rides out a master demotion.
 
-kombu's Redis transport takes a message in two steps: ``BRPOP`` removes it from the queue,
-then a ``MULTI``/``ZADD``/``HSET``/``EXEC`` records it in the ``unacked`` hash, from which it
-is restored if the worker loses its connection (or dies: after the visibility timeout). When
-the second step fails - the master was demoted between the two, as in a Sentinel failover or
-switchover (the paused ``EXEC`` is refused with ``READONLY``), or the connection broke - the
-worker's memory holds the only copy, and kombu drops it: the message was never run, never
-reached the ledger, and its caller's ``AsyncResult`` waits forever.
+A Redis master demoted to a replica (a Sentinel failover or switchover, a managed Redis's
+failover) trips kombu's Redis transport (``redis://``, ``rediss://``, ``sentinel://``) twice:
 
-:func:`install` makes the worker keep such a message with its unacknowledged ones, so that the
-restore kombu runs when the worker drops the broken connection (``Restoring N unacknowledged
-message(s)``; its new connections ask Sentinel for the master) puts it back in its queue. If
-the hash does hold the message (the ``EXEC`` ran and only its answer was lost), it is restored
-from there, once, as before.
+1. The consumer's waiting ``BRPOP`` is answered ``-UNBLOCKED force unblock from blocking
+   operation, instance state changed (master -> replica?)``: a ``ResponseError``, which Celery
+   takes for an unrecoverable error - the worker stopped (``Unrecoverable error:
+   server:ResponseError``; celery/celery#7946). :func:`install` turns that one answer into a
+   connection error: the consumer reconnects (kombu asks Sentinel for the new master), as it
+   already does for the ``READONLY`` a later command gets. Other error answers (a refused
+   permission, a key of the wrong type) stay what they were.
+2. kombu takes a message in two steps: ``BRPOP`` removes it from the queue, then
+   ``MULTI``/``ZADD``/``HSET``/``EXEC`` records it in the ``unacked`` hash, from which it is
+   restored if the worker loses its connection (or dies: after the visibility timeout). When
+   the second step fails - the master was demoted between the two (the paused ``EXEC`` is
+   refused with ``READONLY``), or the connection broke - the worker's memory holds the only
+   copy, and kombu drops it: the message is never run, never reaches the ledger, and its
+   caller's ``AsyncResult`` waits forever. :class:`KeepingQoS` keeps such a message with the
+   delivered ones, so that the restore kombu runs when the worker drops the broken connection
+   (``Restoring N unacknowledged message(s)``; its new connections ask Sentinel for the
+   master) puts it back in its queue. If the hash does hold the message (the ``EXEC`` ran and
+   only its answer was lost), it is restored from there, once, as before.
 
-Limit: the restore itself needs a broker that answers; if the worker is stopped or killed
-before one does, the message is lost as before (its ``BRPOP`` was already replicated).
+Limit: that restore needs a broker that answers; if the worker is stopped or killed before one
+does, the message is lost as before (its ``BRPOP`` was already replicated).
 """
 
 # kombu has no type annotations: every call into it would need its own ignore.
@@ -32,9 +40,12 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-__all__ = ["KeepingQoS", "install"]
+__all__ = ["UNBLOCKED", "KeepingQoS", "install"]
 
-log = logging.getLogger("polyv_sms.unacked")
+log = logging.getLogger("polyv_sms.broker_failover")
+
+#: How Redis begins its answer to a blocked command when the instance stops being a master.
+UNBLOCKED = "UNBLOCKED"
 
 
 class KeepingQoS(kombu_redis.QoS):
@@ -106,7 +117,26 @@ class KeepingQoS(kombu_redis.QoS):
             connected.transaction(restore_transaction, self.unacked_key)
 
 
+def _brpop_read_reconnecting(channel: Any, **options: Any) -> Any:
+    """kombu's ``Channel._brpop_read``, with ``-UNBLOCKED`` raised as a connection error."""
+    try:
+        return _KOMBU_BRPOP_READ(channel, **options)
+    except redis.ResponseError as exc:
+        if not str(exc).startswith(UNBLOCKED):
+            raise
+        # As kombu does for a connection error: drop the connection, the next one asks again.
+        connection = channel.client.connection
+        if connection is not None:
+            connection.disconnect()
+        raise redis.ConnectionError(f"the broker's master was demoted: {exc}") from exc
+
+
+_KOMBU_BRPOP_READ = kombu_redis.Channel._brpop_read
+
+
 def install() -> None:
-    """Make kombu's Redis channels (``redis://``, ``rediss://``, ``sentinel://``) use
-    :class:`KeepingQoS`. Idempotent; called by the worker on a Redis broker."""
+    """Make kombu's Redis channels (``redis://``, ``rediss://``, ``sentinel://``) reconnect on
+    ``-UNBLOCKED`` and keep unrecorded messages (:class:`KeepingQoS`). Idempotent; called by
+    the worker (channels created before it are unchanged)."""
+    kombu_redis.Channel._brpop_read = _brpop_read_reconnecting  # type: ignore[method-assign,assignment]
     kombu_redis.Channel.QoS = KeepingQoS
