@@ -50,7 +50,7 @@ from typing import Any
 import redis
 
 from polyv_sms import metrics
-from polyv_sms.errors import LedgerUnavailable
+from polyv_sms.errors import LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger.records import Settlement
 from polyv_sms.ledger.store import Ledger
 
@@ -70,6 +70,22 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[
         :20
     ]
+
+
+def _refused_by_script(exc: BaseException | None) -> bool:
+    """Whether the settle script itself refused an entry (its own error, or a Lua runtime
+    error on the entry's arguments), not Redis: a command inside the script that Redis
+    refused (``WRONGTYPE``, ``NOPERM``, ``OOM`` ...) carries Redis's error code first, and is
+    the ledger's fault, not the entry's (the entry must wait for the ledger to be fixed)."""
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    if "settle.lua:" in text:
+        return True
+    code = text.split(" ", 1)[0]
+    if code.isalpha() and code.isupper() and code != "ERR":
+        return False
+    return any(mark in text for mark in _SCRIPT_ERRORS)
 
 
 class Journal:
@@ -180,13 +196,22 @@ class Journal:
     def replay(self, ledger: Ledger, message_id: str | None = None) -> int:
         """Settle the entries left (of one message, or all), oldest first.
 
+        An entry the settle script itself refuses is set aside as ``.bad`` (replaying it
+        would fail again). An entry the ledger refuses for a reason of its own that retrying
+        does not clear (a message record of the wrong type, say: ``LedgerBroken``) stays, and
+        the other entries are still replayed: one poisoned message must not keep every other
+        message's answers (and the reconciler's sweep) waiting.
+
         Returns:
             How many entries the ledger took.
 
         Raises:
             LedgerUnavailable: the ledger could not be reached; the entries stay.
+            LedgerBroken: an entry stays because the ledger refused it; raised after every
+                other entry was tried.
         """
         replayed = 0
+        broken: LedgerBroken | None = None
         for path in self.entries(message_id):
             try:
                 entry = json.loads(path.read_bytes().decode("utf-8", "surrogatepass"))
@@ -208,9 +233,20 @@ class Journal:
                     retry_at=float(entry["retry_at"]),
                     now=float(entry["now"]),
                 )
-            except redis.ResponseError as exc:
-                if not any(mark in str(exc) for mark in _SCRIPT_ERRORS):
-                    raise  # a cluster or permission error: not the entry's fault
+            except (redis.ResponseError, LedgerBroken) as exc:
+                # (The ledger raises LedgerBroken from the script's ResponseError.)
+                cause = exc.__cause__ if isinstance(exc, LedgerBroken) else exc
+                if not _refused_by_script(cause):
+                    # A cluster, permission or wrong-type error: not the entry's fault; it
+                    # stays for when the ledger is fixed, and the next entries are tried.
+                    log.error("journal entry %s: %s; kept, trying the next ones", path, exc)
+                    if broken is None:
+                        broken = (
+                            exc
+                            if isinstance(exc, LedgerBroken)
+                            else LedgerBroken(f"ledger Redis (SMS_REDIS_URL): {exc}")
+                        )
+                    continue
                 # Refused by the script itself: replaying it again would fail again and block
                 # the message's next runs. Set aside for an operator (outages still propagate).
                 log.error(
@@ -227,6 +263,8 @@ class Journal:
                 target,
                 len(items),
             )
+        if broken is not None:
+            raise broken
         return replayed
 
 
@@ -259,6 +297,8 @@ class JournalReplayer:
         except LedgerUnavailable as exc:
             log.warning("journal: %s; answers kept on disk, trying again", exc)
             return 0
+        except LedgerBroken:
+            return 0  # (each entry it refused is logged; the others were replayed)
         finally:
             metrics.JOURNAL_PENDING.set(len(self.journal.entries()))
 

@@ -1,0 +1,120 @@
+"""Where the merged branches meet: the answer journal (issue 10) against the ledger's
+LedgerBroken (issue 11), the accounts file (issue 12) against the secret rules. Each test was
+written to break the merged whole; real redis-server, the simulator over real HTTP.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from test_dispatch import TZ, Clock, make, request
+
+from polyv_sms.errors import LedgerBroken
+from polyv_sms.ledger import Settlement
+from polyv_sms.ledger.journal import Journal, JournalReplayer
+from polyv_sms.ledger.reconcile import Reconciler
+from polyv_sms.polyv.simulator import PolyvSimulator
+
+N1, N2, N3 = "13900002001", "13900002002", "13900002003"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime.now(TZ).timestamp())
+
+
+@pytest.fixture
+def client(redis_server) -> Any:
+    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
+    yield real
+    real.close()
+
+
+def _meta(numbers: list[str]) -> dict[str, Any]:
+    return {
+        "task_id": "t",
+        "phone_numbers": numbers,
+        "template_param_names": ["code"],
+        "template_param_values": ["1"],
+        "created_at": 0,
+    }
+
+
+def test_a_journal_entry_the_ledger_refuses_does_not_hold_up_the_other_answers(
+    client, account, clock, tmp_path: Path
+) -> None:
+    """One message whose record the ledger refuses (WRONGTYPE: LedgerBroken since issue 11)
+    kept every later journal entry of the account from the ledger, and stopped the account's
+    reconciler sweeping, for as long as the entry was there."""
+    journal = Journal(tmp_path / "journal", account[0])
+    with PolyvSimulator(*account, clock=clock) as sim:
+        d = make(client, account, sim.url, clock, journal=journal)
+        ledger = d.ledger
+        # The oldest entry: its message record was clobbered by something else.
+        client.set(ledger.keys.message("poisoned"), "not a hash")
+        journal.record(
+            "poisoned",
+            [Settlement(N1, "accepted", 12, "s-p^0", attempt=1)],
+            days={N1: ledger.day()},
+            token="dead",
+            retry_at=clock.now,
+            now=clock.now,
+        )
+        # A later answer of another message, read by a worker that died before its settle.
+        good = ledger.reserve("good", [N2], token="dead2", meta=_meta([N2]))
+        journal.record(
+            "good",
+            [Settlement(N2, "accepted", 12, "s-g^0", attempt=1)],
+            days={N2: good.states[0].day},
+            token="dead2",
+            retry_at=clock.now,
+            now=clock.now,
+        )
+        # And a message whose retry never ran: the reconciler's business.
+        ledger.reserve("late", [N3], token="gone", meta=_meta([N3]))
+
+        JournalReplayer(journal, ledger).replay_once()  # (the worker's thread, one pass)
+        assert ledger.peek("good", [N2])[N2].state == "accepted"
+        assert [p.name.split("-")[1] for p in journal.entries()] == ["dead"]  # kept, not .bad
+
+        clock.now += 3600
+        enqueued: list[Any] = []
+        swept = Reconciler(
+            ledger, lambda *a: enqueued.append(a), interval_s=5, journal=journal
+        ).sweep()
+        assert swept == ["late"]
+
+        # The poisoned message itself is never sent while its answer waits in the journal.
+        with pytest.raises(LedgerBroken):
+            d.run(request([N1], "poisoned"), message_id="poisoned", task_id="t2")
+        assert sim.received(N1) == 0
+    assert len(journal.entries()) == 1
+
+
+def test_a_journal_entry_the_settle_script_refuses_is_set_aside_and_the_rest_replayed(
+    client, account, clock, tmp_path: Path
+) -> None:
+    """The script's own refusal comes wrapped in LedgerBroken since issue 11: the entry must
+    still be set aside (not replayed forever) and the next entry replayed."""
+    journal = Journal(tmp_path / "journal", account[0])
+    d = make(client, account, "http://127.0.0.1:9", clock, journal=journal)
+    journal.record(
+        "bad", [Settlement(N1, "no-such-action")], days={}, token="t", retry_at=0, now=clock.now
+    )
+    good = d.ledger.reserve("good2", [N2], token="x", meta=_meta([N2]))
+    journal.record(
+        "good2",
+        [Settlement(N2, "accepted", 12, "s-g2^0", attempt=1)],
+        days={N2: good.states[0].day},
+        token="x",
+        retry_at=clock.now,
+        now=clock.now,
+    )
+    assert journal.replay(d.ledger) == 1
+    assert journal.entries() == []
+    assert sorted(p.suffix for p in journal.directory.iterdir()) == [".bad"]
+    assert d.ledger.peek("good2", [N2])[N2].state == "accepted"
