@@ -118,3 +118,25 @@ def test_a_journal_entry_the_settle_script_refuses_is_set_aside_and_the_rest_rep
     assert journal.entries() == []
     assert sorted(p.suffix for p in journal.directory.iterdir()) == [".bad"]
     assert d.ledger.peek("good2", [N2])[N2].state == "accepted"
+
+
+@pytest.mark.parametrize("key", ["app_secret_env", "app_secret_file"])
+def test_a_secret_pasted_where_its_variable_or_file_belongs_is_never_echoed(
+    tmp_path: Path, key: str
+) -> None:
+    """The likeliest way a secret ends up in the accounts file: pasted as the value of
+    ``app_secret_env`` (or ``app_secret_file``). The error then echoed it - to the worker's
+    stderr, supervisord's log and every log collector."""
+    from polyv_sms.accounts import load_accounts
+    from polyv_sms.config import Settings
+    from polyv_sms.errors import ConfigError
+
+    pasted = "Zx9fK2mQ7pLw4RtY8vBn"  # what a Polyv appSecret looks like
+    path = tmp_path / "accounts.toml"
+    path.write_text(f'[accounts.shop-b]\napp_id = "appB"\n{key} = "{pasted}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_accounts(Settings(accounts_file=str(path)), env={})
+    message = str(caught.value)
+    assert pasted not in message
+    assert "[accounts.shop-b]" in message
+    assert key in message
