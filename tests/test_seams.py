@@ -140,3 +140,42 @@ def test_a_secret_pasted_where_its_variable_or_file_belongs_is_never_echoed(
     assert pasted not in message
     assert "[accounts.shop-b]" in message
     assert key in message
+
+
+@pytest.mark.parametrize(("lane", "queue"), [("urgent", "sms.urgent"), ("bulk", "sms.bulk")])
+def test_a_misrouted_message_is_moved_to_its_lanes_queue(
+    tmp_path: Path, lane: str, queue: str
+) -> None:
+    """The mover of mis-routed tasks (issue 13) moved every one to ``sms``: a login code
+    enqueued by name with ``lane="urgent"`` and no queue then waited behind the standard
+    backlog (issue 12's promise), and a bulk one jumped ahead of it."""
+    from celery import Celery
+    from helpers import RedisServer
+
+    from polyv_sms.misrouted import MisroutedMover
+
+    server = RedisServer(tmp_path / "own").start()
+    try:
+        app = Celery(broker=server.url(0))
+        app.send_task(
+            "polyv_sms.send_sms",
+            kwargs={
+                "phone_numbers": [N1],
+                "template_param_names": ["code"],
+                "template_param_values": ["1"],
+                "lane": lane,
+            },
+        )
+        mover = MisroutedMover.for_broker(server.url(0))
+        assert mover is not None
+        assert len(mover.sweep()) == 1
+        with server.client(0) as broker:
+            assert broker.llen("celery") == 0
+            assert broker.llen("sms") == 0
+            (moved,) = broker.lrange(queue, 0, -1)
+        import json
+
+        assert json.loads(moved)["properties"]["delivery_info"]["routing_key"] == queue
+        mover.client.close()
+    finally:
+        server.stop()
