@@ -179,3 +179,45 @@ def test_a_misrouted_message_is_moved_to_its_lanes_queue(
         mover.client.close()
     finally:
         server.stop()
+
+
+def test_an_answer_the_broken_ledger_refused_is_kept_durably_and_never_sent_again(
+    client, account, clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polyv answered, and the settle met an error retrying will not clear (LedgerBroken,
+    issue 11: here the message record clobbered while the request was in flight). The answer
+    must stay in the journal - made durable, since it now waits for an operator, not for a
+    restart - and the message must not be sent again meanwhile, nor once the ledger is fixed."""
+    from test_answers_kept import fsyncs, hook_after_send
+
+    journal = Journal(tmp_path / "journal", account[0])
+    with PolyvSimulator(*account, clock=clock) as sim:
+        d = make(client, account, sim.url, clock, journal=journal)
+        key = d.ledger.keys.message("lb")
+        saved: dict[str, Any] = {}
+
+        def clobber() -> None:
+            saved.update(client.hgetall(key))
+            client.delete(key)
+            client.set(key, "not a hash")
+
+        hook_after_send(d, clobber)
+        synced = fsyncs(monkeypatch)
+        with pytest.raises(LedgerBroken):
+            d.run(request([N1], "lb"), message_id="lb", task_id="t1")
+        (entry,) = journal.entries("lb")
+        assert str(entry) in synced
+        assert str(journal.directory) in synced
+        # While the ledger is broken, no run sends it again.
+        again = make(client, account, sim.url, clock, journal=journal)
+        with pytest.raises(LedgerBroken):
+            again.run(request([N1], "lb"), message_id="lb", task_id="t2")
+        assert sim.received(N1) == 1
+        # The operator puts the record back: the answer reaches the ledger, nothing is resent.
+        client.delete(key)
+        client.hset(key, mapping=saved)
+        outcome = again.run(request([N1], "lb"), message_id="lb", task_id="t2")
+        assert outcome.result is not None
+        assert outcome.result["results"][0]["outcome"] == "accepted"
+        assert sim.received(N1) == 1
+    assert journal.entries() == []
