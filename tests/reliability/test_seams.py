@@ -5,6 +5,8 @@ results and the ledger live on the session's redis-server.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from helpers import wait_for
 
@@ -42,3 +44,52 @@ def test_a_run_told_to_wait_for_the_rate_guard_whose_retry_cannot_be_published_i
         f"sent {sim.received(number)} times"
     )
     assert sim.received(number) == 1
+
+
+def test_each_accounts_journal_reaches_its_own_ledger_when_a_worker_starts(
+    start_worker, sim, account, redis_server, tmp_path
+) -> None:
+    """Two accounts from one file (issue 12) and the answers a dead worker left in the
+    journal (issue 10): a worker started afresh replays each account's answers into that
+    account's ledger - never the other's - and a re-enqueued message sends nothing again."""
+    import secrets
+
+    import redis
+
+    from polyv_sms.ledger import Settlement
+    from polyv_sms.ledger.journal import Journal
+
+    app_a = account[0]
+    app_b, secret_b = f"appB{secrets.token_hex(4)}", f"secB-{secrets.token_hex(8)}"
+    ledger = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
+    journal_dir = tmp_path / "journal"
+    number = phone(620)
+    for app_id, message in ((app_a, "ja"), (app_b, "jb")):
+        keys = Keys(app_id)
+        # What the dead worker's reserve left: the number reserved under its lease.
+        day = time.strftime("%Y%m%d", time.gmtime(time.time() + 8 * 3600))  # Asia/Shanghai
+        ledger.hset(
+            keys.message(message),
+            mapping={f"n:{number}": f"reserved|{day}|1|||1|", "pending": 1, "lease": "dead"},
+        )
+        Journal(journal_dir, app_id).record(
+            message,
+            [Settlement(number, "accepted", 12, f"s-{message}^0", attempt=1)],
+            days={number: day},
+            token="dead",
+            retry_at=time.time(),
+            now=time.time(),
+        )
+    path = tmp_path / "accounts.toml"
+    path.write_text(f'[accounts.shop-b]\napp_id = "{app_b}"\napp_secret_env = "SHOP_B"\n')
+    start_worker(SMS_ACCOUNTS_FILE=path, SHOP_B=secret_b, SMS_JOURNAL_DIR=journal_dir)
+    wait_for(lambda: not list(journal_dir.rglob("*.json")), 30, what="the journals to be replayed")
+    for app_id, message, other in ((app_a, "ja", "jb"), (app_b, "jb", "ja")):
+        state = ledger.hget(Keys(app_id).message(message), f"n:{number}")
+        assert state is not None
+        assert state.startswith("accepted|"), (app_id, state)
+        assert f"s-{message}^0" in state
+        assert not ledger.exists(Keys(app_id).message(other))
+    assert not list(journal_dir.rglob("*.bad"))
+    assert sim.received(number) == 0
+    ledger.close()
