@@ -14,12 +14,14 @@ COPY polyv_sms ./polyv_sms
 RUN pip install . "supervisor==4.3.0" "flower==2.2.0"
 COPY deploy ./deploy
 
-# supervisord's log files, pid file and control socket (deploy/supervisord.conf)
+# supervisord's log files, pid file and control socket (deploy/supervisord.conf), and the
+# answer journal ($SMS_RUN_DIR/journal: docker-compose.yml mounts a volume there, which takes
+# this directory's owner when it is first created - the worker must be able to write it)
 ENV SMS_RUN_DIR=/tmp/polyv-sms
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin sms \
-    && mkdir -p "$SMS_RUN_DIR" \
-    && chown sms "$SMS_RUN_DIR" \
-    && chmod 0700 "$SMS_RUN_DIR"
+    && mkdir -p "$SMS_RUN_DIR/journal" \
+    && chown sms "$SMS_RUN_DIR" "$SMS_RUN_DIR/journal" \
+    && chmod 0700 "$SMS_RUN_DIR" "$SMS_RUN_DIR/journal"
 USER sms
 
 # 9100-9101 worker metrics, 8080 simulator, 5555 Flower

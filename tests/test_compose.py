@@ -191,3 +191,29 @@ def test_the_worker_has_a_health_check_and_the_tools_are_pinned(compose, program
     extras = install.group(1).split()[1:]
     assert [re.sub(r"==.*", "", e.strip('"')) for e in extras] == ["supervisor", "flower"]
     assert all(re.fullmatch(r'"[a-z]+==\d+(\.\d+)+"', e) for e in extras), extras
+
+
+def test_the_workers_answer_journal_outlives_the_container(compose) -> None:
+    """The answer journal (issue 10) keeps Polyv's answers the ledger has not taken yet, under
+    $SMS_RUN_DIR/journal. In the container's own filesystem it was lost whenever the
+    container was recreated (``docker compose up`` after an upgrade, ``down``) while the
+    ledger was down: those numbers were then sent again. Each worker service keeps it on a
+    named volume of its own, created by the image for the unprivileged user (a volume
+    mounted over a directory the image lacks would be root's, and the worker could not
+    write its journal)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    seen = set()
+    for name in ("worker", "worker-rabbitmq"):
+        service = compose["services"][name]
+        run_dir = _environment(service).get("SMS_RUN_DIR")
+        journal = _environment(service).get("SMS_JOURNAL_DIR") or f"{run_dir}/journal"
+        mounts = {}
+        for volume in service.get("volumes") or []:
+            source, target = str(volume).split(":")[:2]
+            mounts[target] = source
+        assert journal in mounts, f"{name}: {journal} is not on a volume"
+        source = mounts[journal]
+        assert source in (compose.get("volumes") or {}), f"{name}: {source} is not a named volume"
+        seen.add(source)
+        assert 'mkdir -p "$SMS_RUN_DIR/journal"' in dockerfile or journal in dockerfile
+    assert len(seen) == 2  # two deployments of the image must not replay each other's answers
