@@ -98,6 +98,8 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"SMS_ACCOUNTS_FILE={path!r}: cannot read it ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"SMS_ACCOUNTS_FILE={path!r}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"SMS_ACCOUNTS_FILE={path!r}: not UTF-8 text (TOML is UTF-8)") from None
     tables = data.get("accounts")
     extra = sorted(set(data) - {"accounts"})
     if extra:
@@ -228,6 +230,9 @@ def _secret(path: str, name: str, table: Mapping[str, Any], env: Mapping[str, st
         raise ConfigError(
             f"{where}: app_secret_file {shown} cannot be read ({exc.strerror})"
         ) from None
+    except UnicodeDecodeError:
+        # (not the error's own text: it shows a byte of the secret)
+        raise ConfigError(f"{where}: app_secret_file {shown} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{where}: app_secret_file {shown} is empty")
     return Secret(value)

@@ -221,3 +221,30 @@ def test_an_answer_the_broken_ledger_refused_is_kept_durably_and_never_sent_agai
         assert outcome.result["results"][0]["outcome"] == "accepted"
         assert sim.received(N1) == 1
     assert journal.entries() == []
+
+
+def test_a_secret_file_that_is_not_utf8_is_a_clear_config_error(tmp_path: Path) -> None:
+    """A secret file saved as UTF-16 (a Windows editor) crashed the loader with a
+    UnicodeDecodeError - not the ConfigError naming the account and key that every other
+    bad secret gets (and that the worker turns into a clear refusal to start)."""
+    from polyv_sms.accounts import load_accounts
+    from polyv_sms.config import Settings
+    from polyv_sms.errors import ConfigError
+
+    secret = tmp_path / "b.secret"
+    secret.write_bytes("Zx9fK2mQ7pLw4RtY8vBn".encode("utf-16"))
+    path = tmp_path / "accounts.toml"
+    path.write_text(f'[accounts.shop-b]\napp_id = "appB"\napp_secret_file = "{secret}"\n')
+    with pytest.raises(ConfigError, match=r"\[accounts.shop-b\]: app_secret_file .* UTF-8"):
+        load_accounts(Settings(accounts_file=str(path)), env={})
+
+
+def test_an_accounts_file_that_is_not_utf8_is_a_clear_config_error(tmp_path: Path) -> None:
+    from polyv_sms.accounts import load_accounts
+    from polyv_sms.config import Settings
+    from polyv_sms.errors import ConfigError
+
+    path = tmp_path / "accounts.toml"
+    path.write_bytes('[accounts.b]\napp_id = "x"\napp_secret_env = "B"\n'.encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"SMS_ACCOUNTS_FILE=.*not UTF-8"):
+        load_accounts(Settings(accounts_file=str(path)), env={"B": "s"})
