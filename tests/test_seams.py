@@ -248,3 +248,55 @@ def test_an_accounts_file_that_is_not_utf8_is_a_clear_config_error(tmp_path: Pat
     path.write_bytes('[accounts.b]\napp_id = "x"\napp_secret_env = "B"\n'.encode("utf-16"))
     with pytest.raises(ConfigError, match=r"SMS_ACCOUNTS_FILE=.*not UTF-8"):
         load_accounts(Settings(accounts_file=str(path)), env={"B": "s"})
+
+
+@pytest.mark.parametrize("with_default", [True, False])
+def test_the_simulator_command_knows_every_account_of_the_accounts_file(
+    account, tmp_path: Path, with_default: bool
+) -> None:
+    """``polyv-sms simulator`` is how an operator tries a deployment without sending SMS.
+    With an accounts file (issue 12) it knew only POLYV_APP_ID: every message of another
+    account failed with a bad sign, and a deployment with only the file could not start it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import free_port, wait_for
+
+    from polyv_sms.polyv.client import PolyvClient
+
+    app_a, secret_a = account
+    app_b, secret_b = f"appB{account[0][-6:]}", "secB-0123456789abcdef"
+    path = tmp_path / "accounts.toml"
+    path.write_text(f'[accounts.shop-b]\napp_id = "{app_b}"\napp_secret_env = "SHOP_B"\n')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYV_", "SMS_"))}
+    env |= {"SMS_ACCOUNTS_FILE": str(path), "SHOP_B": secret_b}
+    if with_default:
+        env |= {"POLYV_APP_ID": app_a, "POLYV_APP_SECRET": secret_a}
+    polyv_sms = str(Path(sys.executable).parent / "polyv-sms")
+    process = subprocess.Popen(
+        [polyv_sms, "simulator", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    accounts = [(app_b, secret_b)] + ([(app_a, secret_a)] if with_default else [])
+    try:
+        for app_id, secret in accounts:
+            with PolyvClient(app_id, secret, f"http://127.0.0.1:{port}", 2) as client:
+
+                def send(client: PolyvClient = client) -> list[int] | None:
+                    try:
+                        return [r.status for r in client.send([N1], ["code"], ["1"]).results]
+                    except Exception as exc:
+                        if process.poll() is not None:
+                            raise AssertionError(f"the simulator exited: {exc}") from None
+                        if "sign" in str(exc) or "appId" in str(exc):
+                            raise
+                        return None
+
+                assert wait_for(send, 15, what="the simulator") == [12]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=10)
+    assert secret_b not in err
+    assert secret_a not in err
