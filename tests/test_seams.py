@@ -300,3 +300,32 @@ def test_the_simulator_command_knows_every_account_of_the_accounts_file(
         _, err = process.communicate(timeout=10)
     assert secret_b not in err
     assert secret_a not in err
+
+
+def test_a_lease_taken_after_an_outage_lasts_its_whole_length(client, account, clock) -> None:
+    """Invariant 8 (issues 10 and 14): a run's lease must outlive the exchange and the settle.
+    ``reserve`` computed "now" once, before riding out a Redis outage (issue 11's in-place
+    retry): a reserve that got through after 20 s of outage wrote a lease that had already
+    lost those 20 s - here the lease ended before the exchange could, and another run could
+    take the numbers over while Polyv was still answering."""
+    d = make(client, account, "http://127.0.0.1:9", clock)
+    ledger = d.ledger
+    real = ledger._reserve
+    outage_s = 20.0
+    calls: list[float] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(clock.now)
+        if len(calls) == 1:
+            clock.now += outage_s  # the outage the ledger rode out
+            raise redis.ConnectionError("Redis restarting")
+        return real(*args, **kwargs)
+
+    ledger._reserve = flaky  # type: ignore[method-assign]
+    reservation = ledger.reserve("lo", [N1], token="run", meta=_meta([N1]))
+    assert reservation.states[0].state == "send"
+    got_through = calls[-1]
+    lease_until_ms = int(client.hget(ledger.keys.message("lo"), "lease_until"))
+    assert lease_until_ms / 1000 >= got_through + ledger.lease_s - 0.01
+    # The record's own time (the replay identity) is still the first attempt's.
+    assert client.hget(ledger.keys.message("lo"), "lease_at") == str(int(calls[0] * 1000))
