@@ -329,3 +329,34 @@ def test_a_lease_taken_after_an_outage_lasts_its_whole_length(client, account, c
     assert lease_until_ms / 1000 >= got_through + ledger.lease_s - 0.01
     # The record's own time (the replay identity) is still the first attempt's.
     assert client.hget(ledger.keys.message("lo"), "lease_at") == str(int(calls[0] * 1000))
+
+
+def test_a_look_up_in_another_account_names_that_account(redis_server, tmp_path: Path) -> None:
+    """``polyv-sms status/receipt/dead --requeue --account shop-b`` said "no message in the
+    ledger of this account (POLYV_APP_ID)" - the one account it had not looked in."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "accounts.toml"
+    path.write_text('[accounts.shop-b]\napp_id = "appB-lookup"\napp_secret_env = "SHOP_B"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYV_", "SMS_"))}
+    env |= {
+        "POLYV_APP_ID": "appA-lookup",
+        "POLYV_APP_SECRET": "secA",
+        "SMS_ACCOUNTS_FILE": str(path),
+        "SMS_REDIS_URL": redis_server.url(2),
+    }
+    polyv_sms = str(Path(sys.executable).parent / "polyv-sms")
+    for command in (["status", "nope"], ["receipt", "s-nope"], ["dead", "--requeue", "nope"]):
+        done = subprocess.run(
+            [polyv_sms, *command, "--account", "shop-b"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert "account 'shop-b'" in done.stderr, done.stderr
+        assert "POLYV_APP_ID" not in done.stderr
