@@ -360,3 +360,49 @@ def test_a_look_up_in_another_account_names_that_account(redis_server, tmp_path:
         assert done.returncode != 0
         assert "account 'shop-b'" in done.stderr, done.stderr
         assert "POLYV_APP_ID" not in done.stderr
+
+
+def test_polyvs_block_pauses_every_account_of_the_deployment(
+    account, redis_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polyv blocks an IP, not an account, for 5 minutes past its rate (docs/polyv-sms-api.md).
+    The shared pause (issue 12) stopped only the account that saw the answer: every other
+    account of the deployment kept sending into the block, each discovering it on its own."""
+    from polyv_sms.config import Settings
+    from polyv_sms.runtime import build_runtime
+
+    app_a, secret_a = account
+    app_b, secret_b = f"appB{app_a[-6:]}", "secB-0123456789abcdef"
+    path = tmp_path / "accounts.toml"
+    path.write_text(f'[accounts.shop-b]\napp_id = "{app_b}"\napp_secret_env = "SHOP_B"\n')
+    monkeypatch.setenv("SHOP_B", secret_b)
+    with PolyvSimulator(app_a, secret_a, other_accounts={app_b: secret_b}) as sim:
+        sim.set_faults(rate_limit_rate=1.0)
+        settings = Settings.from_env(
+            {
+                "POLYV_APP_ID": app_a,
+                "POLYV_APP_SECRET": secret_a,
+                "POLYV_API_BASE": sim.url,
+                "SMS_ACCOUNTS_FILE": str(path),
+                "SMS_REDIS_URL": redis_server.url(2),
+                "SMS_JOURNAL_DIR": "off",
+            }
+        )
+        runtime = build_runtime(settings)
+        try:
+            a, b = runtime.account("default"), runtime.account("shop-b")
+            outcome = a.dispatcher.run(request([N1], "blocked"), message_id="blocked", task_id="t")
+            assert outcome.reason == "pending"
+            assert a.dispatcher.guard is not None
+            assert b.dispatcher.guard is not None
+            assert a.dispatcher.guard.paused_for() > 290
+            assert b.dispatcher.guard.paused_for() > 290
+            seen = len(sim.requests())
+            put_off = b.dispatcher.run(request([N2], "other"), message_id="other", task_id="t2")
+            assert put_off.reason == "paused"
+            assert len(sim.requests()) == seen
+        finally:
+            for guard in (runtime.account("default"), runtime.account("shop-b")):
+                assert guard.dispatcher.guard is not None
+                guard.dispatcher.guard.clear()
+            runtime.close()
