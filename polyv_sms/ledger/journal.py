@@ -54,7 +54,7 @@ from polyv_sms.errors import LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger.records import Settlement
 from polyv_sms.ledger.store import Ledger
 
-__all__ = ["DEFAULT_REPLAY_INTERVAL_S", "Journal", "JournalReplayer"]
+__all__ = ["DEFAULT_REPLAY_INTERVAL_S", "Journal", "JournalReplayer", "stranded"]
 
 log = logging.getLogger("polyv_sms.ledger.journal")
 
@@ -266,6 +266,28 @@ class Journal:
         if broken is not None:
             raise broken
         return replayed
+
+
+def stranded(root: str | Path, known: Sequence[Journal]) -> dict[str, int]:
+    """Journal directories under ``root`` that no account of this worker replays, with how
+    many answers each holds (an account removed from the accounts file, or renamed to another
+    appId, while the ledger had not taken all its answers)."""
+    mine = {journal.directory.name for journal in known}
+    found: dict[str, int] = {}
+    try:
+        directories = [entry for entry in os.scandir(root) if entry.is_dir()]
+    except OSError:
+        return found
+    for directory in directories:
+        if directory.name in mine:
+            continue
+        try:
+            count = sum(1 for e in os.scandir(directory.path) if e.name.endswith(".json"))
+        except OSError:
+            continue
+        if count:
+            found[directory.name] = count
+    return found
 
 
 class JournalReplayer:

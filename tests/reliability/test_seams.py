@@ -93,3 +93,16 @@ def test_each_accounts_journal_reaches_its_own_ledger_when_a_worker_starts(
     assert not list(journal_dir.rglob("*.bad"))
     assert sim.received(number) == 0
     ledger.close()
+
+
+def test_a_journal_no_account_replays_is_reported_at_start(start_worker, tmp_path) -> None:
+    """Answers left in the journal of an account since removed from the accounts file were
+    never replayed, and nothing said so: their receipts never reached the ledger."""
+    journal_dir = tmp_path / "journal"
+    gone = journal_dir / "appGone123"
+    gone.mkdir(parents=True)
+    (gone / "0123456789abcdef0123-tok-1.json").write_text("{}")
+    worker = start_worker(SMS_JOURNAL_DIR=journal_dir)
+    wait_for(lambda: "holds 1 answers of an appId" in worker.log(), 30, what="the warning")
+    assert str(gone) in worker.log()
+    assert (gone / "0123456789abcdef0123-tok-1.json").exists()
