@@ -99,13 +99,12 @@ def worker(
 @click.option(
     "--app-id",
     envvar="POLYV_APP_ID",
-    required=True,
-    help="The appId whose signs it accepts. [env: POLYV_APP_ID]",
+    help="The appId whose signs it accepts; every account of SMS_ACCOUNTS_FILE too. "
+    "[env: POLYV_APP_ID]",
 )
 @click.option(
     "--app-secret",
     envvar="POLYV_APP_SECRET",
-    required=True,
     help="Prefer the environment: a command line shows in ps. [env: POLYV_APP_SECRET]",
 )
 @click.option(
