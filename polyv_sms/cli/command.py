@@ -78,6 +78,17 @@ def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
     )
 
 
+def timeout_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--timeout`` (how long ``--wait`` waits) to a command."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(0),
+        default=DEFAULT_WAIT_S,
+        show_default=True,
+        help="Seconds --wait waits.",
+    )(function)
+
+
 def _settings() -> Settings:
     return Settings.from_env()
 
@@ -150,13 +161,7 @@ def main() -> None:
     is_flag=True,
     help="Wait for the outcome of every number; exit 3 if any did not end accepted.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0),
-    default=DEFAULT_WAIT_S,
-    show_default=True,
-    help="Seconds --wait waits.",
-)
+@timeout_option
 @json_option
 def send(
     *,
@@ -283,13 +288,7 @@ def quota(day: str | None, top: int, account: str, as_json: bool) -> None:
     is_flag=True,
     help="With --requeue: wait for the new outcomes; exit 3 if any did not end accepted.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0),
-    default=DEFAULT_WAIT_S,
-    show_default=True,
-    help="Seconds --wait waits.",
-)
+@timeout_option
 @account_option
 @json_option
 def dead(
