@@ -40,7 +40,12 @@ DEFAULT_HEALTH_TIMEOUT_S = 5.0
     help="This process's number under supervisord: sets SMS_WORKER_INDEX (metrics "
     "port offset) and the node name.",
 )
-@click.option("--hostname", "-n", help="Node name (default: polyv-sms-<index>@%h).")
+@click.option(
+    "--hostname",
+    "-n",
+    help="Node name (default: polyv-sms-<index>@%h with --process-index or "
+    "SMS_WORKER_INDEX, else polyv-sms@%h).",
+)
 @click.option(
     "--loglevel", "-l", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR."
 )
