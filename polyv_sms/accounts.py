@@ -98,6 +98,8 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"SMS_ACCOUNTS_FILE={path!r}: cannot read it ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"SMS_ACCOUNTS_FILE={path!r}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"SMS_ACCOUNTS_FILE={path!r}: not UTF-8 text (TOML is UTF-8)") from None
     tables = data.get("accounts")
     extra = sorted(set(data) - {"accounts"})
     if extra:
@@ -218,18 +220,50 @@ def _secret(path: str, name: str, table: Mapping[str, Any], env: Mapping[str, st
         variable = str(table["app_secret_env"]).strip()
         value = env.get(variable, "").strip()
         if not value:
-            raise ConfigError(f"{where}: app_secret_env names {variable}, which is not set")
+            raise ConfigError(f"{where}: app_secret_env names {_shown_variable(variable)}")
         return Secret(value)
     secret_path = Path(str(table["app_secret_file"]).strip())
+    shown = _shown_path(str(secret_path))
     try:
         value = secret_path.read_text("utf-8").strip()
     except OSError as exc:
         raise ConfigError(
-            f"{where}: app_secret_file {str(secret_path)!r} cannot be read ({exc.strerror})"
+            f"{where}: app_secret_file {shown} cannot be read ({exc.strerror})"
         ) from None
+    except UnicodeDecodeError:
+        # (not the error's own text: it shows a byte of the secret)
+        raise ConfigError(f"{where}: app_secret_file {shown} is not UTF-8 text") from None
     if not value:
-        raise ConfigError(f"{where}: app_secret_file {str(secret_path)!r} is empty")
+        raise ConfigError(f"{where}: app_secret_file {shown} is empty")
     return Secret(value)
+
+
+#: What an environment variable's name looks like by convention (``SHOP_A_SECRET``).
+_VARIABLE_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _shown_variable(variable: str) -> str:
+    """The error's words for an unset ``app_secret_env``: its name, unless the value does not
+    look like a variable's name - then it is likely the secret itself, pasted in the wrong
+    place, and must not reach a log."""
+    if _VARIABLE_NAME.fullmatch(variable):
+        return f"{variable}, which is not set"
+    return (
+        "a variable that is not set (its value is not shown: it does not look like an "
+        "environment variable's name - is the secret itself pasted there? a secret never "
+        "sits in the file)"
+    )
+
+
+def _shown_path(path: str) -> str:
+    """The error's words for ``app_secret_file``: the path, unless it has neither a ``/`` nor
+    a ``.`` - then it may be the secret itself, pasted in the wrong place."""
+    if "/" in path or "." in path:
+        return repr(path)
+    return (
+        "(its value is not shown: it does not look like a path - is the secret itself "
+        "pasted there?)"
+    )
 
 
 def _limit(where: str, table: Mapping[str, Any], key: str, default: int, minimum: int) -> int:

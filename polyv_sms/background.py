@@ -8,7 +8,7 @@ import os
 import threading
 
 from polyv_sms import metrics
-from polyv_sms.ledger.journal import JournalReplayer
+from polyv_sms.ledger.journal import JournalReplayer, stranded
 from polyv_sms.ledger.reconcile import Enqueue, Reconciler
 from polyv_sms.misrouted import MisroutedMover
 from polyv_sms.runtime import get_runtime
@@ -74,6 +74,16 @@ def start(enqueue_again: Enqueue) -> None:
                     replayer = JournalReplayer(built.journal, built.ledger)
                     replayer.start()
                     _replayers.append(replayer)
+            if settings.journal_dir:
+                journals = [b.journal for b in accounts if b.journal is not None]
+                for name, count in stranded(settings.journal_dir, journals).items():
+                    log.error(
+                        "journal %s holds %d answers of an appId none of this worker's "
+                        "accounts has (removed from SMS_ACCOUNTS_FILE?): they do not reach "
+                        "the ledger until a worker with that account runs on this host",
+                        os.path.join(settings.journal_dir, name),
+                        count,
+                    )
         if not _reconcilers and settings.reconcile_interval_s > 0:
             # One per account: each sweeps its own ledger keys.
             try:

@@ -20,6 +20,7 @@ from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
     InvalidRequest,
+    LedgerBroken,
     PermanentError,
 )
 from polyv_sms.lanes import DEFAULT_LANE, lane_account_limit
@@ -312,15 +313,22 @@ class Dispatcher:
                     retry_at=retry_at,
                     now=now,
                 )
-            _, settled = self.ledger.settle(
-                run.message_id,
-                items,
-                days=days,
-                token=run.token,
-                retry_at=retry_at,
-                now=now,
-                on_outage=None if journal is None else lambda: journal.make_durable(journaled),
-            )
+            try:
+                _, settled = self.ledger.settle(
+                    run.message_id,
+                    items,
+                    days=days,
+                    token=run.token,
+                    retry_at=retry_at,
+                    now=now,
+                    on_outage=None if journal is None else lambda: journal.make_durable(journaled),
+                )
+            except LedgerBroken:
+                # The answer now waits for an operator to fix the ledger, not for a restart:
+                # it must outlive a power cut too.
+                if journal is not None:
+                    journal.make_durable(journaled)
+                raise
             Journal.done(journaled)
             run.states.update((s.number, s) for s in settled)
 

@@ -4,7 +4,8 @@ A producer that enqueues by name with its own Celery app (``app.send_task("polyv
 ...)``) and forgets ``queue="sms"`` publishes to Celery's default queue, ``celery``, which no
 polyv-sms worker reads: its ``AsyncResult.get()`` would wait forever. Each worker on a Redis
 broker looks at the head of that queue every :data:`SWEEP_INTERVAL_S` seconds, moves the
-``polyv_sms.send_sms`` messages it finds there to ``sms`` and logs a warning naming the task.
+``polyv_sms.send_sms`` messages it finds there to their lane's queue (``sms.urgent``, ``sms``
+or ``sms.bulk``, by the ``lane`` keyword) and logs a warning naming the task.
 Other applications' messages in ``celery`` are left alone (a worker that consumed ``celery``
 would drop them as unregistered tasks).
 
@@ -15,6 +16,8 @@ those in other lists) are not looked at.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import threading
@@ -22,6 +25,7 @@ from typing import Any, cast
 
 import redis
 
+from polyv_sms.lanes import DEFAULT_LANE, LANE_QUEUES
 from polyv_sms.worker import QUEUE, TASK_NAME
 
 __all__ = ["DEFAULT_QUEUE", "PEEK_MESSAGES", "SWEEP_INTERVAL_S", "MisroutedMover"]
@@ -48,18 +52,35 @@ _REDIS_SCHEMES = ("redis://", "rediss://")
 _SOCKET_TIMEOUT_S = 5.0
 
 
-def _moved(raw: str) -> tuple[str, str] | None:
-    """``(task id, message routed to QUEUE)`` when ``raw`` is a ``send_sms`` message."""
+def _lane_queue(message: dict[str, Any]) -> str:
+    """The queue of the message's lane (``sms`` when its body says none, or cannot be read:
+    the worker then judges the request). An urgent message moved to ``sms`` would wait
+    behind the standard backlog; a bulk one would jump ahead of it."""
+    try:
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded = json.loads(body)
+        kwargs = decoded[1] if isinstance(decoded, list) else decoded.get("kwargs")
+        lane = kwargs.get("lane", DEFAULT_LANE) if isinstance(kwargs, dict) else DEFAULT_LANE
+        return LANE_QUEUES.get(lane, QUEUE) if isinstance(lane, str) else QUEUE
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, binascii.Error):
+        return QUEUE
+
+
+def _moved(raw: str) -> tuple[str, str, str] | None:
+    """``(task id, queue, message routed to it)`` when ``raw`` is a ``send_sms`` message."""
     if TASK_NAME not in raw:  # cheap: most messages in a shared queue are someone else's
         return None
     try:
         message: dict[str, Any] = json.loads(raw)
         if message["headers"]["task"] != TASK_NAME:
             return None
-        message["properties"]["delivery_info"]["routing_key"] = QUEUE
+        queue = _lane_queue(message)
+        message["properties"]["delivery_info"]["routing_key"] = queue
     except (ValueError, KeyError, TypeError):
         return None
-    return str(message["headers"].get("id")), json.dumps(message)
+    return str(message["headers"].get("id")), queue, json.dumps(message)
 
 
 class MisroutedMover:
@@ -103,8 +124,8 @@ class MisroutedMover:
             candidate = _moved(raw)
             if candidate is None:
                 continue
-            task_id, routed = candidate
-            if self._move(keys=[DEFAULT_QUEUE, QUEUE], args=[raw, routed]):
+            task_id, queue, routed = candidate
+            if self._move(keys=[DEFAULT_QUEUE, queue], args=[raw, routed]):
                 moved.append(task_id)
                 log.warning(
                     "task %s (%s) was published to queue %r, which polyv-sms workers do not "
@@ -113,8 +134,8 @@ class MisroutedMover:
                     task_id,
                     TASK_NAME,
                     DEFAULT_QUEUE,
-                    QUEUE,
-                    QUEUE,
+                    queue,
+                    queue,
                 )
         return moved
 

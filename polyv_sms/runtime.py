@@ -53,6 +53,9 @@ class Runtime:
     #: The first account's journal (each account has its own: :meth:`account`).
     journal: Journal | None = None
     _built: dict[str, AccountRuntime] = field(default_factory=dict, repr=False)
+    #: Every account's rate guard: a block Polyv answers through one pauses all (it is the
+    #: IP's).
+    _guards: list[RateGuard] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def account(self, name: str) -> AccountRuntime:
@@ -74,7 +77,12 @@ class Runtime:
                         "(POLYV_APP_ID is 'default'; others come from SMS_ACCOUNTS_FILE)"
                     )
                 self._built[name] = _build_account(
-                    self.settings, account, self.redis, clock=self.clock, rng=self.rng
+                    self.settings,
+                    account,
+                    self.redis,
+                    clock=self.clock,
+                    rng=self.rng,
+                    guards=self._guards,
                 )
             return self._built[name]
 
@@ -120,7 +128,8 @@ def build_runtime(
     client = connect_redis(settings.require_redis_url(), wait_s=settings.redis_outage_s)
     # The first account (``default`` when POLYV_APP_ID is set) is also the runtime's own.
     first = accounts.get(DEFAULT_ACCOUNT) or next(iter(accounts.values()))
-    built = _build_account(settings, first, client, clock=clock, rng=rng)
+    guards: list[RateGuard] = []
+    built = _build_account(settings, first, client, clock=clock, rng=rng, guards=guards)
     return Runtime(
         settings,
         client,
@@ -132,6 +141,7 @@ def build_runtime(
         journal=built.journal,
         rng=rng,
         _built={first.name: built},
+        _guards=guards,
     )
 
 
@@ -142,6 +152,7 @@ def _build_account(
     *,
     clock: Callable[[], float],
     rng: random.Random | None,
+    guards: list[RateGuard] | None = None,
 ) -> AccountRuntime:
     """The objects of one account: its limits in the ledger, its credentials in the client."""
     own = replace(
@@ -178,7 +189,7 @@ def _build_account(
         clock=clock,
         account=account.name,
         bulk_headroom=account.bulk_headroom,
-        guard=RateGuard(ledger, account.polyv_rate),
+        guard=RateGuard(ledger, account.polyv_rate, peers=guards),
         journal=journal,
     )
     return AccountRuntime(account, ledger, polyv, dispatcher, journal)

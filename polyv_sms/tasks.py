@@ -32,6 +32,7 @@ from kombu.exceptions import OperationalError
 from polyv_sms import background, metrics, routing
 from polyv_sms.config import DEFAULT_ACCOUNT_DAILY_LIMIT, Settings
 from polyv_sms.errors import BrokerUnavailable, InvalidRequest, LedgerBroken, LedgerUnavailable
+from polyv_sms.ledger.ratelimit import RATE_LIMIT_PAUSE_S
 from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
@@ -54,8 +55,11 @@ RESULT_RECONNECT_POLICY = {
 #: (about 2 s, RESULT_RECONNECT_POLICY) or the broker (about 6.5 s, PUBLISH_RETRY_POLICY)
 #: refuses connections. tests/test_edges.py checks it against a stopped redis-server.
 ENQUEUE_BOUND_S = 10.0
-#: Past the holder's lease and takeover grace, how much longer a busy run waits in place.
+#: Past the holder's lease and takeover grace (or Polyv's block), how much longer a run whose
+#: retry could not be published waits in place.
 _BUSY_WAIT_MARGIN_S = 5.0
+#: Why a run may end without a result that it can wait out in place (see the task).
+_WAIT_IN_PLACE = frozenset({"busy", "rate", "paused"})
 
 
 def masked_kwargs_repr(kwargs: dict[str, Any]) -> str:
@@ -245,24 +249,36 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # copy is the only one: requeue it (or, if the broker refuses even that, it stays
         # unacknowledged until the visibility timeout).
         metrics.TASK_RETRIES.labels("publish_failed").inc()
-        if outcome_reason == "busy":
+        if outcome_reason in _WAIT_IN_PLACE:
             # Another run holds the message, and it may finish every number: then nothing in
-            # the ledger would bring this task (and its caller's result) back. Requeueing
-            # through a broker that refuses writes ends the worker (and its in-flight sends),
-            # so wait the holder out here instead: its lease and takeover grace bound it.
+            # the ledger would bring this task (and its caller's result) back. Or the rate
+            # guard put the run off before it reserved anything: then the ledger may not know
+            # the message at all (no stored request, no pending entry). Requeueing through a
+            # broker that refuses writes ends the worker (and its in-flight sends), so wait
+            # here instead: the holder's lease and takeover grace, or the pause, bound it.
             log.error(
-                "message %s: the retry could not be published (%s); waiting here for the "
-                "run that holds the message",
+                "message %s: the retry could not be published (%s); waiting here (%s)",
                 key,
                 type(exc.reason).__name__,
+                outcome_reason,
             )
-            waited = _wait_out_busy(
-                dispatcher, settings, request, key, task_id, give_up=give_up, first_wait_s=countdown
+            waited, outcome_reason = _wait_in_place(
+                dispatcher,
+                settings,
+                request,
+                key,
+                task_id,
+                give_up=give_up,
+                first_wait_s=countdown,
+                reason=outcome_reason,
             )
             if waited is not None:
                 return waited
-            outcome_reason = "pending"
-        known = outcome_reason != "ledger"
+            if outcome_reason == "busy":
+                outcome_reason = "pending"  # (the request was stored before "busy")
+        # Put off by the rate guard, the run may have reserved nothing: the ledger may not
+        # know the message, like a run that could not reach the ledger.
+        known = outcome_reason not in ("ledger", "rate", "paused")
         log.error(
             "message %s: the retry could not be published (%s); %s",
             key,
@@ -289,7 +305,7 @@ def _broker_countdown(task: SendSmsTask, countdown: float) -> float:
     return countdown
 
 
-def _wait_out_busy(
+def _wait_in_place(
     dispatcher: Any,
     settings: Settings,
     request: Any,
@@ -298,28 +314,34 @@ def _wait_out_busy(
     *,
     give_up: str | None,
     first_wait_s: float,
-) -> dict[str, Any] | None:
-    """Run the message again in place while another run holds it (the broker refused the
-    retry). Bounded by the holder's lease plus the takeover grace.
+    reason: str,
+) -> tuple[dict[str, Any] | None, str]:
+    """Run the message again in place while another run holds it, or while the rate guard
+    puts it off (the broker refused the retry). Bounded by the holder's lease plus the
+    takeover grace, or by Polyv's block (:data:`RATE_LIMIT_PAUSE_S`), plus a margin.
 
     Returns:
-        The result, or ``None`` when the message still has numbers pending (the ledger's
-        ``pending`` entry and this task's stored request let the reconciler bring it back).
+        ``(result, reason)``: the result, or ``None`` and why the last run did not finish
+        (``"pending"``: the ledger's ``pending`` entry and this task's stored request let the
+        reconciler bring it back; ``"rate"``/``"paused"``: still put off; ``"ledger"``: the
+        ledger could not be reached).
     """
-    deadline = time.monotonic() + settings.lease_s + settings.takeover_grace_s + _BUSY_WAIT_MARGIN_S
+    longest = max(settings.lease_s + settings.takeover_grace_s, RATE_LIMIT_PAUSE_S)
+    deadline = time.monotonic() + longest + _BUSY_WAIT_MARGIN_S
     wait = first_wait_s
     while time.monotonic() + wait < deadline:
         time.sleep(wait)
         try:
             outcome = dispatcher.run(request, message_id=key, task_id=task_id, give_up=give_up)
         except (LedgerUnavailable, redis.RedisError):
-            return None
+            return None, "ledger"
         if outcome.result is not None:
-            return dict(outcome.result)
-        if outcome.reason != "busy":
-            return None
+            return dict(outcome.result), outcome.reason
+        reason = outcome.reason
+        if reason not in _WAIT_IN_PLACE:
+            return None, reason
         wait = outcome.retry_in or 1.0
-    return None
+    return None, reason
 
 
 def enqueue_again(message_id: str, task_id: str, kwargs: dict[str, Any]) -> None:

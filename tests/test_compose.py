@@ -197,10 +197,13 @@ def test_the_answer_journal_is_on_a_volume_the_worker_may_write(compose) -> None
     # The default journal ($SMS_RUN_DIR/journal) is in the container's /tmp: recreating the
     # container would lose answers the ledger has not taken yet.
     dockerfile = (ROOT / "Dockerfile").read_text()
+    seen = set()
     for name in ("worker", "worker-rabbitmq"):
         service = compose["services"][name]
         journal = _environment(service)["SMS_JOURNAL_DIR"]
         mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
         assert mounts[journal] in compose["volumes"], name
+        seen.add(mounts[journal])
         # A new named volume takes the owner of the image's directory: the unprivileged user.
         assert re.search(rf"chown sms [^\n]*{re.escape(journal)}", dockerfile), journal
+    assert len(seen) == 2  # two deployments of the image must not replay each other's answers

@@ -243,9 +243,11 @@ def test_a_killed_worker_is_restarted_and_its_message_completes(
     sim.set_faults(latency_s=0.8)
     number = "13900000711"
     pending = send_sms.delay([number], ["code"], ["1"], message_id="deploy-kill-1")
-    _in_flight(sim, number, supervisor)
+    # Which worker and pid before the request is in flight: looking them up takes supervisorctl
+    # calls, and on a loaded machine the 0.8-s answer could arrive before the kill.
     holder = supervisor.holder(pending.id)
     killed = supervisor.pid(holder)
+    _in_flight(sim, number, supervisor)
     os.kill(killed, signal.SIGKILL)
     sim.set_faults(latency_s=0)
 

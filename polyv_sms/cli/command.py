@@ -78,6 +78,17 @@ def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
     )
 
 
+def timeout_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--timeout`` (how long ``--wait`` waits) to a command."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(0),
+        default=DEFAULT_WAIT_S,
+        show_default=True,
+        help="Seconds --wait waits.",
+    )(function)
+
+
 def _settings() -> Settings:
     return Settings.from_env()
 
@@ -150,13 +161,7 @@ def main() -> None:
     is_flag=True,
     help="Wait for the outcome of every number; exit 3 if any did not end accepted.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0),
-    default=DEFAULT_WAIT_S,
-    show_default=True,
-    help="Seconds --wait waits.",
-)
+@timeout_option
 @json_option
 def send(
     *,
@@ -196,6 +201,13 @@ def send(
     exit_if_not_accepted(result)
 
 
+def _account_words(account: str) -> str:
+    """Which ledger a look-up read, in an error: the account that ``--account`` named."""
+    if account == "default":
+        return "this account (POLYV_APP_ID; --account names another)"
+    return f"account {account!r} (SMS_ACCOUNTS_FILE)"
+
+
 @main.command()
 @click.argument("message_id")
 @account_option
@@ -205,7 +217,7 @@ def status(message_id: str, account: str, as_json: bool) -> None:
     message = _receipts(account).message(message_id)
     if message is None:
         raise CliError(
-            f"no message {message_id!r} in the ledger of this account (POLYV_APP_ID); records "
+            f"no message {message_id!r} in the ledger of {_account_words(account)}; records "
             "are kept SMS_RECEIPT_TTL_DAYS days"
         )
     _emit(message, as_json, fmt.render_message)
@@ -219,7 +231,7 @@ def receipt(serial_no: str, account: str, as_json: bool) -> None:
     """One receipt: number, message and when Polyv accepted it."""
     found = _receipts(account).receipt(serial_no)
     if found is None:
-        raise CliError(f"no receipt {serial_no!r} in the ledger of this account (POLYV_APP_ID)")
+        raise CliError(f"no receipt {serial_no!r} in the ledger of {_account_words(account)}")
     _emit(found, as_json, fmt.render_receipt)
 
 
@@ -276,13 +288,7 @@ def quota(day: str | None, top: int, account: str, as_json: bool) -> None:
     is_flag=True,
     help="With --requeue: wait for the new outcomes; exit 3 if any did not end accepted.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0),
-    default=DEFAULT_WAIT_S,
-    show_default=True,
-    help="Seconds --wait waits.",
-)
+@timeout_option
 @account_option
 @json_option
 def dead(
@@ -307,7 +313,7 @@ def dead(
     )
     message = receipts.message(requeue_id)
     if message is None or not stored_requests(record):
-        raise CliError(f"no message {requeue_id!r} in the ledger of this account (POLYV_APP_ID)")
+        raise CliError(f"no message {requeue_id!r} in the ledger of {_account_words(account)}")
     failed = {n["phone_number"] for n in message["numbers"] if n["state"] == "failed"}
     if not failed:
         raise CliError(f"message {requeue_id!r} has no failed numbers; nothing to send again")

@@ -267,11 +267,11 @@ def _use_environment(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
-def _introduce(echo: Echo, redis_url: str, api_base: str, queue: str) -> None:
+def _introduce(echo: Echo, redis_url: str, api_base: str, queues: str) -> None:
     echo("polyv-sms demo: the real worker and task, in this process; no SMS leaves it.")
     echo(f"  Redis stand-in   {redis_url} (fakeredis; broker db 0, results db 1, ledger db 2)")
     echo(f"  Polyv simulator  {api_base} (status 11 twice for {FLAKY}, always for {BROKEN})")
-    echo(f"  Worker           threads pool, {DEMO_CONCURRENCY} threads, queue {queue!r}")
+    echo(f"  Worker           threads pool, {DEMO_CONCURRENCY} threads, queues {queues}")
     echo(
         f"  Limits           {DEMO_PHONE_DAILY_LIMIT} SMS per number a day, "
         f"{DEMO_MAX_ATTEMPTS} attempts, first retry after 0.2s"
@@ -308,7 +308,7 @@ def run(echo: Echo = print) -> int:
         return 2
     from polyv_sms.polyv.simulator import PolyvSimulator  # noqa: PLC0415
     from polyv_sms.runtime import get_runtime, set_runtime  # noqa: PLC0415
-    from polyv_sms.worker import QUEUE, WORKER_QUEUES, app  # noqa: PLC0415
+    from polyv_sms.worker import WORKER_QUEUES, app  # noqa: PLC0415
 
     if app.configured:
         raise RuntimeError("run the demo in a fresh process: the Celery app is configured")
@@ -320,7 +320,7 @@ def run(echo: Echo = print) -> int:
         sim.set_faults(fail_numbers={FLAKY: 2, BROKEN: 1_000_000})
         # Before anything reads the Celery configuration: it comes from the environment.
         _use_environment(_environment(redis_url, sim.url, secret))
-        _introduce(echo, redis_url, sim.url, QUEUE)
+        _introduce(echo, redis_url, sim.url, ",".join(WORKER_QUEUES))
         with warnings.catch_warnings():
             # tasks.py sets the task's queue as an attribute, which Celery 5.5+ flags on binding.
             warnings.filterwarnings("ignore", message=r"\s*The 'queue' task attribute")
@@ -357,5 +357,5 @@ def run(echo: Echo = print) -> int:
         gc.collect()
     verdict = "Done" if ok else "Finished with UNEXPECTED outcomes"
     elapsed = time.perf_counter() - started
-    echo(f"\n{verdict} in {elapsed:.1f}s. Next: README.md, 'Running in production'.")
+    echo(f"\n{verdict} in {elapsed:.1f}s. Next: docs/getting-started.md (your own Redis).")
     return 0 if ok else 1

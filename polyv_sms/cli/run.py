@@ -79,6 +79,43 @@ def fault_rate_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def _simulated_accounts(options: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """The simulator's accounts: ``--app-id``/``--app-secret`` (POLYV_APP_ID/SECRET) and every
+    account of SMS_ACCOUNTS_FILE, so that a deployment of several accounts can be tried.
+
+    Raises:
+        CliUsageError: no account at all, or ``--app-id`` without ``--app-secret``.
+    """
+    from polyv_sms.accounts import load_accounts  # noqa: PLC0415
+    from polyv_sms.config import Settings  # noqa: PLC0415
+    from polyv_sms.errors import ConfigError  # noqa: PLC0415
+
+    app_id, app_secret = options.get("app_id"), options.get("app_secret")
+    if bool(app_id) != bool(app_secret):
+        missing = "--app-secret (POLYV_APP_SECRET)" if app_id else "--app-id (POLYV_APP_ID)"
+        raise CliUsageError(f"the simulator needs {missing} too")
+    # Only the file: the simulator needs none of the worker's other settings.
+    path = (os.environ.get("SMS_ACCOUNTS_FILE") or "").strip() or None
+    try:
+        accounts = load_accounts(Settings(accounts_file=path))
+    except ConfigError as exc:
+        if not app_id:
+            raise CliUsageError(str(exc)) from None
+        # (a simulator container may lack the workers' file or secrets: --app-id still works)
+        click.echo(f"polyv-sms simulator: {exc}; knowing only --app-id {app_id}", err=True)
+        accounts = {}
+    others = {a.app_id: a.app_secret.reveal() for a in accounts.values()}
+    if not app_id:
+        if not others:
+            raise CliUsageError(
+                "the simulator needs an account: --app-id and --app-secret (POLYV_APP_ID, "
+                "POLYV_APP_SECRET) or SMS_ACCOUNTS_FILE"
+            )
+        app_id = next(iter(others))
+        app_secret = others[app_id]
+    return str(app_id), str(app_secret), others
+
+
 def serve_simulator(options: dict[str, Any]) -> None:
     """Run the simulator with the ``simulator`` command's options until SIGTERM or Ctrl-C."""
     from polyv_sms.polyv.simulator import Faults, PolyvSimulator  # noqa: PLC0415
@@ -98,9 +135,11 @@ def serve_simulator(options: dict[str, Any]) -> None:
             seed=options["seed"],
             **rates,
         )
+        app_id, app_secret, others = _simulated_accounts(options)
         sim = PolyvSimulator(
-            options["app_id"],
-            options["app_secret"],
+            app_id,
+            app_secret,
+            other_accounts=others,
             host=options["host"],
             port=options["port"],
             phone_daily_limit=options["phone_daily_limit"],

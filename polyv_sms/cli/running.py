@@ -40,7 +40,12 @@ DEFAULT_HEALTH_TIMEOUT_S = 5.0
     help="This process's number under supervisord: sets SMS_WORKER_INDEX (metrics "
     "port offset) and the node name.",
 )
-@click.option("--hostname", "-n", help="Node name (default: polyv-sms-<index>@%h).")
+@click.option(
+    "--hostname",
+    "-n",
+    help="Node name (default: polyv-sms-<index>@%h with --process-index or "
+    "SMS_WORKER_INDEX, else polyv-sms@%h).",
+)
 @click.option(
     "--loglevel", "-l", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR."
 )
@@ -99,13 +104,12 @@ def worker(
 @click.option(
     "--app-id",
     envvar="POLYV_APP_ID",
-    required=True,
-    help="The appId whose signs it accepts. [env: POLYV_APP_ID]",
+    help="The appId whose signs it accepts; every account of SMS_ACCOUNTS_FILE too. "
+    "[env: POLYV_APP_ID]",
 )
 @click.option(
     "--app-secret",
     envvar="POLYV_APP_SECRET",
-    required=True,
     help="Prefer the environment: a command line shows in ps. [env: POLYV_APP_SECRET]",
 )
 @click.option(

@@ -54,7 +54,7 @@ from polyv_sms.errors import LedgerBroken, LedgerUnavailable
 from polyv_sms.ledger.records import Settlement
 from polyv_sms.ledger.store import Ledger
 
-__all__ = ["DEFAULT_REPLAY_INTERVAL_S", "Journal", "JournalReplayer"]
+__all__ = ["DEFAULT_REPLAY_INTERVAL_S", "Journal", "JournalReplayer", "stranded"]
 
 log = logging.getLogger("polyv_sms.ledger.journal")
 
@@ -70,6 +70,22 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[
         :20
     ]
+
+
+def _refused_by_script(exc: BaseException | None) -> bool:
+    """Whether the settle script itself refused an entry (its own error, or a Lua runtime
+    error on the entry's arguments), not Redis: a command inside the script that Redis
+    refused (``WRONGTYPE``, ``NOPERM``, ``OOM`` ...) carries Redis's error code first, and is
+    the ledger's fault, not the entry's (the entry must wait for the ledger to be fixed)."""
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    if "settle.lua:" in text:
+        return True
+    code = text.split(" ", 1)[0]
+    if code.isalpha() and code.isupper() and code != "ERR":
+        return False
+    return any(mark in text for mark in _SCRIPT_ERRORS)
 
 
 class Journal:
@@ -180,13 +196,22 @@ class Journal:
     def replay(self, ledger: Ledger, message_id: str | None = None) -> int:
         """Settle the entries left (of one message, or all), oldest first.
 
+        An entry the settle script itself refuses is set aside as ``.bad`` (replaying it
+        would fail again). An entry the ledger refuses for a reason of its own that retrying
+        does not clear (a message record of the wrong type, say: ``LedgerBroken``) stays, and
+        the other entries are still replayed: one poisoned message must not keep every other
+        message's answers (and the reconciler's sweep) waiting.
+
         Returns:
             How many entries the ledger took.
 
         Raises:
             LedgerUnavailable: the ledger could not be reached; the entries stay.
+            LedgerBroken: an entry stays because the ledger refused it; raised after every
+                other entry was tried.
         """
         replayed = 0
+        broken: LedgerBroken | None = None
         for path in self.entries(message_id):
             try:
                 entry = json.loads(path.read_bytes().decode("utf-8", "surrogatepass"))
@@ -209,13 +234,19 @@ class Journal:
                     now=float(entry["now"]),
                 )
             except (redis.ResponseError, LedgerBroken) as exc:
-                # Ledger.call raises an error that never clears as LedgerBroken, with Redis's
-                # own error as its cause.
+                # (The ledger raises LedgerBroken from the script's ResponseError.)
                 cause = exc.__cause__ if isinstance(exc, LedgerBroken) else exc
-                if not isinstance(cause, redis.ResponseError) or not any(
-                    mark in str(cause) for mark in _SCRIPT_ERRORS
-                ):
-                    raise  # a cluster or permission error: not the entry's fault
+                if not _refused_by_script(cause):
+                    # A cluster, permission or wrong-type error: not the entry's fault; it
+                    # stays for when the ledger is fixed, and the next entries are tried.
+                    log.error("journal entry %s: %s; kept, trying the next ones", path, exc)
+                    if broken is None:
+                        broken = (
+                            exc
+                            if isinstance(exc, LedgerBroken)
+                            else LedgerBroken(f"ledger Redis (SMS_REDIS_URL): {exc}")
+                        )
+                    continue
                 # Refused by the script itself: replaying it again would fail again and block
                 # the message's next runs. Set aside for an operator (outages still propagate).
                 log.error(
@@ -232,7 +263,31 @@ class Journal:
                 target,
                 len(items),
             )
+        if broken is not None:
+            raise broken
         return replayed
+
+
+def stranded(root: str | Path, known: Sequence[Journal]) -> dict[str, int]:
+    """Journal directories under ``root`` that no account of this worker replays, with how
+    many answers each holds (an account removed from the accounts file, or renamed to another
+    appId, while the ledger had not taken all its answers)."""
+    mine = {journal.directory.name for journal in known}
+    found: dict[str, int] = {}
+    try:
+        directories = [entry for entry in os.scandir(root) if entry.is_dir()]
+    except OSError:
+        return found
+    for directory in directories:
+        if directory.name in mine:
+            continue
+        try:
+            count = sum(1 for e in os.scandir(directory.path) if e.name.endswith(".json"))
+        except OSError:
+            continue
+        if count:
+            found[directory.name] = count
+    return found
 
 
 class JournalReplayer:
@@ -264,6 +319,8 @@ class JournalReplayer:
         except LedgerUnavailable as exc:
             log.warning("journal: %s; answers kept on disk, trying again", exc)
             return 0
+        except LedgerBroken:
+            return 0  # (each entry it refused is logged; the others were replayed)
         finally:
             metrics.JOURNAL_PENDING.set(len(self.journal.entries()))
 

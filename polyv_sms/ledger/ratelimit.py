@@ -71,6 +71,8 @@ class RateGuard:
         rate: requests per second across every worker.
         max_wait_s: the longest in-process wait for a slot.
         sleep: how to wait (injected in tests).
+        peers: the guards of every account of the deployment (this one joins it): Polyv
+            blocks an IP, not an account, so a block seen through one pauses them all.
     """
 
     def __init__(
@@ -80,9 +82,12 @@ class RateGuard:
         *,
         max_wait_s: float = DEFAULT_RATE_WAIT_MAX_S,
         sleep: Callable[[float], None] = time.sleep,
+        peers: list[RateGuard] | None = None,
     ) -> None:
         if not rate > 0:
             raise ValueError("rate must be > 0")
+        self.peers = peers if peers is not None else []
+        self.peers.append(self)
         self.ledger = ledger
         self.rate = rate
         self.max_wait_s = max_wait_s
@@ -143,19 +148,25 @@ class RateGuard:
             self.ledger.call(redis.set, self.pause_key, reason, px=ms)
 
     def block_seen(self, account: str) -> None:
-        """Polyv answered "rate exceeded": pause every worker for :data:`RATE_LIMIT_PAUSE_S`.
-        Best effort: the settle that follows matters more (the numbers' attempts are given
-        back either way), so a failure is logged, not raised."""
-        try:
-            self.pause(RATE_LIMIT_PAUSE_S)
-        except Exception:
-            log.exception("could not set the shared pause; each worker will meet the block")
-        else:
-            log.warning(
-                "Polyv rate limit: every worker pauses sends through account %s for %.0fs",
-                account,
-                RATE_LIMIT_PAUSE_S,
-            )
+        """Polyv answered "rate exceeded": pause every worker for :data:`RATE_LIMIT_PAUSE_S`,
+        through this account and every other of the deployment (:attr:`peers`: Polyv blocks
+        the IP, whatever the account). Best effort: the settle that follows matters more (the
+        numbers' attempts are given back either way), so a failure is logged, not raised."""
+        for guard in self.peers:
+            try:
+                guard.pause(RATE_LIMIT_PAUSE_S)
+            except Exception:
+                log.exception(
+                    "could not set the shared pause of appId %s; each worker will meet the block",
+                    guard.ledger.app_id,
+                )
+        log.warning(
+            "Polyv rate limit (seen through account %s): every worker pauses sends through "
+            "%d accounts for %.0fs",
+            account,
+            len(self.peers),
+            RATE_LIMIT_PAUSE_S,
+        )
 
     def paused_for(self) -> float:
         """Seconds left of the pause (0 when not paused)."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from polyv_sms import metrics
+from polyv_sms.errors import LedgerBroken
 from polyv_sms.ledger.journal import Journal
 from polyv_sms.ledger.records import stored_requests
 from polyv_sms.ledger.store import Ledger
@@ -79,7 +80,12 @@ class Reconciler:
         ledger, keys = self.ledger, self.ledger.keys
         client = ledger.redis
         if self.journal is not None:
-            self.journal.replay(ledger)
+            try:
+                self.journal.replay(ledger)
+            except LedgerBroken as exc:
+                # An entry the ledger refuses stays in the journal (logged); the sweep goes
+                # on: a message it re-enqueues replays its entries first and fails, unsent.
+                log.error("reconciler: a journal entry was refused (%s); sweeping anyway", exc)
         now = ledger.clock()
         # The lock keeps sweeps of several workers from overlapping; it expires on its own if
         # a sweeper dies, and is released when the sweep ends.

@@ -311,12 +311,22 @@ class Ledger:
             content_fingerprint(meta) if meta else "",
             int(self.takeover_grace_s * 1000),
             "" if resend_unsettled else "1",
+            now_ms,
             *numbers,
         ]
         for text, reason in invalid:
             args += [text, reason]
         keys = [self.keys.message(message_id), self.keys.quota(day), self.keys.pending]
-        reply = self.call(self._reserve, keys=keys, args=args)
+        due_ms = int((self.lease_s + self.reconcile_grace_s) * 1000)
+
+        def attempt() -> Any:
+            # The lease counts from this attempt, not from the first (see ARGV[19]).
+            fresh_ms = max(now_ms, int(self.clock() * 1000))
+            args[9] = fresh_ms + due_ms
+            args[18] = fresh_ms
+            return self._reserve(keys=keys, args=args)
+
+        reply = self.call(attempt)
         if reply[0] == "conflict":
             return Reservation(None, 0, (), conflict=True)
         if reply[0] == "busy":

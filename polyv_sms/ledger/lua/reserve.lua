@@ -31,8 +31,11 @@ ARGV[17] takeover grace (ms): how long an expired lease is left to its holder, c
          the first reserve that saw it expired, before another run takes the numbers over
 ARGV[18] "1" at most once (SMS_RETRY_AMBIGUOUS=false): a number whose last attempt was never
          settled (its run's lease ran out) is not sent again: verdict "unsettled"
-ARGV[19 .. 18+n]           the valid numbers (normalised, 11 digits)
-ARGV[19+n .. 18+n+2m]      invalid number text, reason
+ARGV[19] now (ms) at this attempt of the call: the lease's clock. ARGV[1] is the call's first
+         attempt's (the record's times, and what tells a replay); a call that rode out a Redis
+         outage before it got through must still get a whole lease, counted from now
+ARGV[20 .. 19+n]           the valid numbers (normalised, 11 digits)
+ARGV[20+n .. 19+n+2m]      invalid number text, reason
 
 Message record fields:
   req:<task id> JSON of each task's request (task id, names, values, numbers, created at),
@@ -70,7 +73,8 @@ local max_attempts = tonumber(ARGV[7])
 local token = ARGV[8]
 local n = tonumber(ARGV[14])
 local m = tonumber(ARGV[15])
-local FIRST = 19  -- ARGV index of the first number
+local FIRST = 20  -- ARGV index of the first number
+local lease_now = tonumber(ARGV[19])
 
 local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending', 'content', 'lease_stale',
   'lease_at')
@@ -96,18 +100,18 @@ end
 -- counts from the first reserve that saw the lease expired, so the ledger has been up for it)
 if holder and holder ~= token then
   local lease_until = tonumber(head[2] or '0')
-  if lease_until > now then
+  if lease_until > lease_now then
     redis.call('EXPIRE', msg, ARGV[4])
-    return {'busy', tostring(lease_until - now)}
+    return {'busy', tostring(lease_until - lease_now)}
   end
   local grace = tonumber(ARGV[17])
   local stale = tonumber(head[5] or '0')
   if stale < lease_until then
-    redis.call('HSET', msg, 'lease_stale', now)
+    redis.call('HSET', msg, 'lease_stale', lease_now)
     redis.call('EXPIRE', msg, ARGV[4])
     if grace > 0 then return {'busy', tostring(grace)} end
-  elseif stale + grace > now then
-    return {'busy', tostring(stale + grace - now)}
+  elseif stale + grace > lease_now then
+    return {'busy', tostring(stale + grace - lease_now)}
   end
   if ARGV[18] == '1' then orphaned_at = head[6] end
 end
@@ -230,7 +234,7 @@ if sends > 0 then
   writes[#writes + 1] = 'lease'
   writes[#writes + 1] = token
   writes[#writes + 1] = 'lease_until'
-  writes[#writes + 1] = now + tonumber(ARGV[9])
+  writes[#writes + 1] = lease_now + tonumber(ARGV[9])
   writes[#writes + 1] = 'lease_at'
   writes[#writes + 1] = ARGV[1]
   redis.call('ZADD', pending_set, ARGV[10], ARGV[11])
