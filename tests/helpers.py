@@ -275,7 +275,8 @@ class CannedServer:
 
 
 def read_http_request(conn: socket.socket) -> bytes:
-    """Read one HTTP/1.1 request (headers, then a Content-Length body) from ``conn``."""
+    """Read one HTTP/1.1 message, request or answer (headers, then a Content-Length body),
+    from ``conn``."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)

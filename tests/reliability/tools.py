@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from helpers import WorkerProcess, wait_for
+from helpers import WorkerProcess, read_http_request, wait_for
 
 from polyv_sms.dispatch import OUTCOMES
 from polyv_sms.ledger import Keys, parse_record
@@ -376,23 +376,10 @@ class TricklingProxy:
 
 
 def _read_http_answer(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        body += chunk
+    message = read_http_request(conn)
+    if b"\r\n\r\n" not in message:
+        return message  # the connection closed before the headers ended
+    head, _, body = message.partition(b"\r\n\r\n")
     # One answer per connection to the simulator; the client may keep its own open.
     head = b"\r\n".join(
         line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")
