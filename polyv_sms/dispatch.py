@@ -20,7 +20,6 @@ from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
     InvalidRequest,
-    LedgerBroken,
     PermanentError,
 )
 from polyv_sms.lanes import DEFAULT_LANE, lane_account_limit
@@ -338,7 +337,7 @@ class Dispatcher:
             if journal is not None:
                 # On disk before the settle is attempted: an answer read is never lost, even
                 # if the ledger stays down or this process dies (see ledger/journal.py); made
-                # durable (fsync) once the ledger is found unavailable.
+                # durable (msync) once the ledger is found unavailable.
                 journaled = journal.record(
                     run.message_id,
                     items,
@@ -357,11 +356,12 @@ class Dispatcher:
                     now=now,
                     on_outage=None if journal is None else lambda: journal.make_durable(journaled),
                 )
-            except LedgerBroken:
-                # The answer now waits for an operator to fix the ledger, not for a restart:
-                # it must outlive a power cut too.
+            except BaseException:
+                # The answer stays in the journal, flushed to disk, for the journal thread and
+                # this message's next run (after LedgerBroken it waits for an operator to fix
+                # the ledger, not for a restart: it must outlive a power cut too).
                 if journal is not None:
-                    journal.make_durable(journaled)
+                    journal.keep(journaled)
                 raise
             Journal.done(journaled)
             run.states.update((s.number, s) for s in settled)
