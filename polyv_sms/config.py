@@ -85,7 +85,7 @@ MAX_PORT = 65535
 #: may be in its journal, waiting for the ledger to come back).
 DEFAULT_TAKEOVER_GRACE_S = 10.0
 #: What a lease adds to the exchange and the settle: the client's own slack past its
-#: deadline, the journal's fsync and scheduling.
+#: deadline, the journal's flush to disk and scheduling.
 LEASE_MARGIN_S = 5.0
 #: Where worker processes keep ``SMS_RUN_DIR`` when it is not set (see polyv_sms.cli.run).
 RUN_DIR_ENV = "SMS_RUN_DIR"

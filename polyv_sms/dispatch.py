@@ -20,11 +20,10 @@ from polyv_sms.backoff import backoff_delay
 from polyv_sms.config import POLYV_MAX_NUMBERS_PER_REQUEST
 from polyv_sms.errors import (
     InvalidRequest,
-    LedgerBroken,
     PermanentError,
 )
 from polyv_sms.lanes import DEFAULT_LANE, lane_account_limit
-from polyv_sms.ledger import Ledger, NumberState, Settlement
+from polyv_sms.ledger import Ledger, NumberState, Settlement, Slot
 from polyv_sms.ledger.journal import Journal
 from polyv_sms.ledger.ratelimit import BULK_RATE_WAIT_MAX_S, RATE_LIMIT_PAUSE_S, RateGuard
 from polyv_sms.polyv.client import (
@@ -91,7 +90,8 @@ class Dispatcher:
         clock: the current time in seconds.
         account: the account's name (results, metrics and the stored request carry it).
         bulk_headroom: units of the account's daily limit bulk messages may not use.
-        guard: the shared rate guard; ``None`` sends without one (tests, the demo).
+        guard: the shared rate guard, consulted by each ``reserve`` (one round trip for
+            both); its ``sleep`` waits for a slot. ``None`` sends without one (tests).
         journal: where Polyv's answers are kept until the ledger has them (see
             :mod:`polyv_sms.ledger.journal`); ``None``: no journal.
     """
@@ -196,9 +196,11 @@ class Dispatcher:
                 self._fail_unsent(run, chunk)
                 continue
             first = index == 0
-            waiting = self._wait_for_slot(message_id, lane) if chunk else None
-            if waiting is not None:
-                return waiting
+            # The shared rate guard rides on the reserve (one round trip for both). Bulk books
+            # only slots close by: urgent work arriving behind it finds the next ones.
+            rate = None
+            if self.guard is not None and chunk:
+                rate = self.guard.limit(BULK_RATE_WAIT_MAX_S if lane == "bulk" else None)
             reservation = self.ledger.reserve(
                 message_id,
                 chunk,
@@ -207,6 +209,7 @@ class Dispatcher:
                 meta=meta if first else None,
                 account_limit=account_limit,
                 resend_unsettled=self.retry_ambiguous,
+                rate=rate,
             )
             if reservation.conflict:
                 raise InvalidRequest(
@@ -222,9 +225,15 @@ class Dispatcher:
                     "message %s is being sent by another run; again in %.1fs", message_id, delay
                 )
                 return RunOutcome(None, delay, "busy")
+            slot = reservation.slot
+            if slot is not None and not slot.granted:
+                return self._put_off(message_id, slot)  # nothing was reserved
             run.states.update((s.number, s) for s in reservation.states)
             self._count_refusals(run, reservation.states)
-            self._send_and_settle(run, request, reservation.states)
+            held = self._wait_for_slot(slot)
+            self._send_and_settle(run, request, reservation.states, held=held)
+            if held is not None:
+                return self._put_off(message_id, held)
         pending = [n for n in valid if run.states.get(n) is None or not run.states[n].final]
         if pending:
             # The delay this run already promised the ledger (the reconciler waits for it), or
@@ -237,15 +246,18 @@ class Dispatcher:
         metrics.count_outcomes(result["counts"], run.account, run.lane)
         return RunOutcome(result)
 
-    def _wait_for_slot(self, message_id: str, lane: str) -> RunOutcome | None:
-        """Take a slot of the shared rate guard before reserving (so that a request waiting
-        for its slot holds no unit and burns no attempt); ``None`` when the slot is taken.
-        Bulk books only slots close by: urgent work arriving behind it finds the next ones."""
-        if self.guard is None:
+    def _wait_for_slot(self, slot: Slot | None) -> Slot | None:
+        """Sleep until the slot ``reserve`` booked; ``None`` when the request may go, or the
+        pause when Polyv blocked us meanwhile (looked at only after a wait: one more round
+        trip, when the rate is the bottleneck; best effort, see ``RateGuard.paused_for``)."""
+        if slot is None or slot.wait_s <= 0 or self.guard is None:
             return None
-        slot = self.guard.acquire(BULK_RATE_WAIT_MAX_S if lane == "bulk" else None)
-        if slot.granted:
-            return None
+        self.guard.sleep(slot.wait_s)
+        left = self.guard.paused_for(ride_out=False)
+        return Slot(False, left, paused=True) if left > 0 else None
+
+    def _put_off(self, message_id: str, slot: Slot) -> RunOutcome:
+        """The run the rate guard refused (no slot near enough, or paused): again later."""
         reason = "paused" if slot.paused else "rate"
         metrics.count_rate_wait(self.account, reason)
         # Look again within the retry cap (SMS_RETRY_BACKOFF_MAX): a pause lifted early by an
@@ -255,9 +267,22 @@ class Dispatcher:
         return RunOutcome(None, delay, reason)
 
     def _send_and_settle(
-        self, run: _Run, request: SmsRequest, reserved: Sequence[NumberState]
+        self,
+        run: _Run,
+        request: SmsRequest,
+        reserved: Sequence[NumberState],
+        *,
+        held: Slot | None = None,
     ) -> None:
+        """Send the numbers granted an attempt and settle them with the others to settle.
+
+        With ``held`` (Polyv blocked us while the run waited for its slot) nothing is sent:
+        each attempt granted is given back (``rate_limited``) and the lease released, through
+        the journal like an answer (a give-back the ledger never took would, after the lease,
+        cost the numbers an attempt - at most once, their outcome).
+        """
         to_send = [s.number for s in reserved if s.state == "send"]
+        journaling = bool(to_send)
         items = [
             Settlement(
                 s.number,
@@ -281,6 +306,14 @@ class Dispatcher:
         ]
         delay = 0.0
         journaled = None
+        if to_send and held is not None:
+            granted = {s.number: s.attempts for s in reserved}
+            error = "Polyv blocks our requests (the shared pause); not sent"
+            items += [
+                Settlement(n, "rate_limited", error=error, attempt=granted[n]) for n in to_send
+            ]
+            delay = min(held.wait_s, self.retry_backoff_max_s)
+            to_send = []
         if to_send:
             sent = self._send(run, request, to_send)
             granted = {s.number: s.attempts for s in reserved}
@@ -300,11 +333,11 @@ class Dispatcher:
             # The run's longest delay so far, not this chunk's: a later chunk must not bring
             # the reconciler's due time for the message forward of an earlier chunk's.
             retry_at = now + max(delay, run.retry_in or 0.0)
-            journal = self.journal if to_send else None
+            journal = self.journal if journaling else None
             if journal is not None:
                 # On disk before the settle is attempted: an answer read is never lost, even
                 # if the ledger stays down or this process dies (see ledger/journal.py); made
-                # durable (fsync) once the ledger is found unavailable.
+                # durable (msync) once the ledger is found unavailable.
                 journaled = journal.record(
                     run.message_id,
                     items,
@@ -323,11 +356,12 @@ class Dispatcher:
                     now=now,
                     on_outage=None if journal is None else lambda: journal.make_durable(journaled),
                 )
-            except LedgerBroken:
-                # The answer now waits for an operator to fix the ledger, not for a restart:
-                # it must outlive a power cut too.
+            except BaseException:
+                # The answer stays in the journal, flushed to disk, for the journal thread and
+                # this message's next run (after LedgerBroken it waits for an operator to fix
+                # the ledger, not for a restart: it must outlive a power cut too).
                 if journal is not None:
-                    journal.make_durable(journaled)
+                    journal.keep(journaled)
                 raise
             Journal.done(journaled)
             run.states.update((s.number, s) for s in settled)

@@ -57,8 +57,8 @@ TASK_RETRIES = Counter(
 )
 RATE_WAITS = Counter(
     "polyv_sms_rate_waits_total",
-    "Runs put off by the shared rate guard before reserving anything, by account and reason "
-    "(rate: no slot soon enough; paused: Polyv blocked us).",
+    "Runs put off by the shared rate guard, nothing sent and no attempt counted, by account "
+    "and reason (rate: no slot soon enough; paused: Polyv blocked us).",
     ["account", "reason"],
 )
 RECONCILED = Counter(

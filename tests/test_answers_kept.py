@@ -42,6 +42,13 @@ def Journal(directory: Path, app_id: str) -> Any:
     return JournalClass(directory, app_id)
 
 
+def on_disk(directory: Path) -> list[Any]:
+    """The open entries in the journal's files, whoever holds them."""
+    from polyv_sms.ledger.journal import on_disk as read
+
+    return read(directory)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock(datetime.now(TZ).timestamp())
@@ -55,16 +62,37 @@ def client(redis_server) -> Any:
 
 
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the paths this process fsyncs from now on."""
+    """Record the paths this process fsyncs, and the journal pages it flushes to disk
+    (``msync``: ``"<segment file>@<offset>+<size>"``), from now on."""
+    from polyv_sms.ledger import journal as journal_module
+
     synced: list[str] = []
     real = os.fsync
+    real_msync = journal_module._msync
 
     def fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
 
+    def msync(segment: Any, offset: int, size: int) -> None:
+        synced.append(f"{segment.path}@{offset}+{size}")
+        real_msync(segment, offset, size)
+
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(journal_module, "_msync", msync)
     return synced
+
+
+def flushed(entry: Any) -> str:
+    """How :func:`fsyncs` records the flush of a journal entry's pages."""
+    offset, size = entry.pages()
+    return f"{entry.segment}@{offset}+{size}"
+
+
+def died(journal: Any) -> None:
+    """The process holding ``journal`` dies: its files stay, its locks go (another journal
+    on the same directory - another worker process - takes them over)."""
+    journal.close()
 
 
 def hook_after_send(dispatcher: Dispatcher, after) -> None:
@@ -175,9 +203,13 @@ def test_an_answer_outlasting_the_ledger_outage_is_journaled_and_never_sent_agai
             synced = fsyncs(monkeypatch)
             with pytest.raises(LedgerUnavailable):
                 d.run(request([N1], "j1"), message_id="j1", task_id="t1")
-            assert len(journal.entries("j1")) == 1
-            # Made durable once the ledger was found down: the entry and its directory.
-            assert set(synced) == {str(journal.entries("j1")[0]), str(journal.directory)}
+            (entry,) = journal.entries("j1")
+            # The process's first entry created its segment file (fsync'd with its
+            # directory); made durable once the ledger was found down: the entry's pages.
+            (segment,) = journal.segments()
+            assert str(journal.directory) in synced
+            assert [s for s in synced if "@" in s] == [flushed(entry)]
+            assert entry.segment == segment
             serial = sim.requests()[0]["results"][0]["serialNo"]
             server.start()
             clock.now += d.ledger.lease_s + d.ledger.takeover_grace_s + 60
@@ -187,10 +219,11 @@ def test_an_answer_outlasting_the_ledger_outage_is_journaled_and_never_sent_agai
             assert sim.received(N1) == 1
             synced.clear()
             run_until_done(again, request([N2], "j1b"), "j1b", clock)
-            assert synced == []  # the happy path does not fsync
+            assert synced == []  # the happy path neither fsyncs nor flushes
         assert outcome_of(result, N1)["outcome"] == "accepted"
         assert outcome_of(result, N1)["serial_no"] == serial
         assert journal.entries() == []
+        assert on_disk(journal.directory) == []
         assert Receipts(again.ledger).receipt(serial)["message_id"] == "j1"
         ledger_client.close()
     finally:
@@ -201,6 +234,7 @@ def test_the_reconciler_replays_the_journal_before_it_judges_a_message_overdue(
     client, account, clock, tmp_path: Path
 ) -> None:
     journal = Journal(tmp_path / "journal", account[0])
+    dead = Journal(tmp_path / "journal", account[0])
     with PolyvSimulator(*account, clock=clock) as sim:
         d = make(client, account, sim.url, clock, journal=journal)
         reserved = d.ledger.reserve(
@@ -216,7 +250,7 @@ def test_the_reconciler_replays_the_journal_before_it_judges_a_message_overdue(
             },
         )
         # A worker read Polyv's 12 and died before the settle: only the journal has it.
-        journal.record(
+        dead.record(
             "j2",
             [Settlement(N1, "accepted", 12, "s-j2^0", attempt=1)],
             days={N1: reserved.states[0].day},
@@ -224,6 +258,7 @@ def test_the_reconciler_replays_the_journal_before_it_judges_a_message_overdue(
             retry_at=clock.now,
             now=clock.now,
         )
+        died(dead)
         enqueued: list[Any] = []
         clock.now += 3600
         assert (
@@ -235,6 +270,8 @@ def test_the_reconciler_replays_the_journal_before_it_judges_a_message_overdue(
     assert enqueued == []
     assert d.ledger.peek("j2", [N1])[N1].state == "accepted"
     assert journal.entries() == []
+    assert on_disk(journal.directory) == []
+    assert list(journal.directory.iterdir()) == []  # the dead worker's file removed
 
 
 # --------------------------------------------------------------------------- item 4 / item 5
@@ -456,36 +493,60 @@ def test_a_later_chunk_does_not_bring_the_reconcilers_due_time_forward(
     assert due >= started + d.retry_backoff_max_s + d.ledger.reconcile_grace_s - 0.01
 
 
+@pytest.mark.parametrize("how", ["settle failed", "process died"])
 def test_journal_entries_of_one_message_are_found_and_replayed_oldest_first(
-    client, account, clock, tmp_path: Path
+    client, account, clock, tmp_path: Path, how: str
 ) -> None:
-    journal = Journal(tmp_path, account[0])
+    """Entries left by failed settles (this process), or by a process that died (taken over
+    by this one), are found by message and replayed oldest first."""
+    journal = writer = Journal(tmp_path, account[0])
+    if how == "process died":
+        writer = Journal(tmp_path, account[0])
     ledger: Ledger = make(client, account, "http://127.0.0.1:9", clock).ledger
     r = ledger.reserve("jj", [N1, N2], token="a")
     days = {s.number: s.day for s in r.states}
-    journal.record(
-        "jj",
-        [Settlement(N1, "retry", 11, error="11", attempt=1)],
-        days=days,
-        token="a",
-        retry_at=0,
-        now=clock.now,
-    )
-    journal.record(
-        "jj",
-        [Settlement(N2, "accepted", 12, "s^0", attempt=1)],
-        days=days,
-        token="a",
-        retry_at=0,
-        now=clock.now,
-    )
-    journal.record("other", [], days={}, token="b", retry_at=0, now=clock.now)
-    assert len(journal.entries("jj")) == 2
-    assert journal.replay(ledger, "jj") == 2
+    entries = [
+        writer.record(
+            "jj",
+            [Settlement(N1, "retry", 11, error="the first answer", attempt=1)],
+            days=days,
+            token="a",
+            retry_at=0,
+            now=clock.now,
+        ),
+        # A later answer for the same number and attempt: the record keeps the last replayed.
+        writer.record(
+            "jj",
+            [Settlement(N1, "retry", 11, error="the second answer", attempt=1)],
+            days=days,
+            token="a",
+            retry_at=0,
+            now=clock.now,
+        ),
+        writer.record(
+            "jj",
+            [Settlement(N2, "accepted", 12, "s^0", attempt=1)],
+            days=days,
+            token="a",
+            retry_at=0,
+            now=clock.now,
+        ),
+        writer.record("other", [], days={}, token="b", retry_at=0, now=clock.now),
+    ]
+    assert journal.entries() == []  # in flight: their settles are under way
+    if how == "settle failed":
+        for entry in entries:
+            journal.keep(entry)
+    else:
+        died(writer)
+    assert len(journal.entries("jj")) == 3
+    assert journal.replay(ledger, "jj") == 3
     assert journal.replay(ledger, "jj") == 0  # taken: removed
     states = ledger.peek("jj", [N1, N2])
     assert (states[N1].state, states[N2].state) == ("reserved", "accepted")
-    assert len(journal.entries()) == 1
+    assert states[N1].error == "the second answer"  # oldest first
+    assert [e.message_id for e in journal.entries()] == ["other"]
+    assert [d.entry["message_id"] for d in on_disk(tmp_path)] == ["other"]
 
 
 # --------------------------------------------------------------------------- item 8
@@ -587,13 +648,19 @@ def test_a_journal_entry_the_ledger_refuses_is_set_aside_not_replayed_forever(
 ) -> None:
     journal = Journal(tmp_path, account[0])
     ledger = make(client, account, "http://127.0.0.1:9", clock).ledger
-    journal.record(
+    entry = journal.record(
         "bad", [Settlement(N1, "no-such-action")], days={}, token="t", retry_at=0, now=clock.now
     )
+    journal.keep(entry)  # its settle failed
     assert journal.replay(ledger, "bad") == 0
     assert journal.entries() == []
-    assert [p.suffix for p in journal.directory.iterdir()] == [".bad"]
-    assert oct(next(journal.directory.iterdir()).stat().st_mode & 0o777) == "0o600"
+    assert journal.replay(ledger, "bad") == 0
+    assert on_disk(journal.directory) == []
+    (bad,) = journal.directory.glob("*.bad")
+    assert sorted(p.suffix for p in journal.directory.iterdir()) == [".bad", ".seg"]
+    assert oct(bad.stat().st_mode & 0o777) == "0o600"
+    # What it holds is the entry, for an operator to read.
+    assert json.loads(bad.read_text())["items"] == [[N1, "no-such-action", None, None, "", None]]
 
 
 def test_the_journal_thread_replays_and_reports_what_is_left(
@@ -605,9 +672,10 @@ def test_the_journal_thread_replays_and_reports_what_is_left(
     from polyv_sms.ledger.journal import JournalReplayer
 
     journal = Journal(tmp_path, account[0])
+    dead = Journal(tmp_path, account[0])
     ledger = make(client, account, "http://127.0.0.1:9", clock).ledger
     r = ledger.reserve("jt", [N1], token="a")
-    journal.record(
+    dead.record(
         "jt",
         [Settlement(N1, "accepted", 12, "s-jt^0", attempt=1)],
         days={N1: r.states[0].day},
@@ -615,6 +683,7 @@ def test_the_journal_thread_replays_and_reports_what_is_left(
         retry_at=0,
         now=clock.now,
     )
+    died(dead)
     down = make(
         redis.Redis(port=free_port(), socket_connect_timeout=0.2),
         account,
@@ -629,3 +698,4 @@ def test_the_journal_thread_replays_and_reports_what_is_left(
     assert metrics.JOURNAL_PENDING._value.get() == 0
     assert metrics.JOURNAL_REPLAYED._value.get() == before + 1
     assert ledger.peek("jt", [N1])[N1].serial_no == "s-jt^0"
+    assert list(journal.directory.iterdir()) == []

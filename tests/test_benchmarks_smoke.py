@@ -73,3 +73,13 @@ def test_ledger_traffic_counts_round_trips_apart_from_script_internals() -> None
     assert traffic["script_calls_per_http_request"] == 2
     assert traffic["round_trips_per_message"] == 2
     assert traffic["other_round_trips_per_message"] == 0
+
+
+def test_the_journal_benchmark_measures_both_loops(tmp_path: Path) -> None:
+    from benchmarks import journal_cpu
+
+    with_journal = journal_cpu.measure(tmp_path / "a", 40, 2, 1, journaled=True)
+    bare = journal_cpu.measure(tmp_path / "b", 40, 2, 1, journaled=False)
+    assert with_journal["cpu_us"] > 0
+    assert set(bare) == set(with_journal) == {"wall_us", "cpu_us", "context_switches"}
+    assert not list((tmp_path / "a").rglob("*.json"))

@@ -448,18 +448,22 @@ def test_requests_reuse_one_connection_and_carry_the_json_headers() -> None:
             seen.append(request)
             conn.sendall(_head(len(OK_BODY)) + OK_BODY)
 
+    values = ["1", "a much longer value than the first", "22"]
     with RawServer(answer) as server, PolyvClient("a", "s", server.url) as polyv:
-        for _ in range(3):
-            assert polyv.send([NUMBER], ["code"], ["1"]).results[0].serial_no == "1^0"
+        for value in values:  # bodies of different lengths: each request is prepared afresh
+            assert polyv.send([NUMBER], ["code"], [value]).results[0].serial_no == "1^0"
     assert server.connections == 1
     assert len(seen) == 3
-    head, _, body = seen[0].partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0].startswith("POST /live/v4/user/sms/send?appId=a&timestamp=")
-    headers = {name.lower(): value.strip() for name, _, value in (h.partition(":") for h in lines)}
-    assert headers["content-type"] == "application/json"
-    assert int(headers["content-length"]) == len(body)
-    assert json.loads(body)["phoneNumbers"] == [NUMBER]
+    for request, value in zip(seen, values, strict=True):
+        head, _, body = request.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith("POST /live/v4/user/sms/send?appId=a&timestamp=")
+        assert "&sign=" in lines[0]
+        headers = {n.lower(): v.strip() for n, _, v in (h.partition(":") for h in lines)}
+        assert headers["content-type"] == "application/json"
+        assert int(headers["content-length"]) == len(body)
+        assert json.loads(body)["phoneNumbers"] == [NUMBER]
+        assert json.loads(body)["templateParamValues"] == [value]
 
 
 def test_close_closes_the_clients_connections() -> None:

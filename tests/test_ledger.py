@@ -374,7 +374,7 @@ def test_lua_scripts_ship_in_the_wheel(tmp_path: Path) -> None:
     )
     wheel = next(tmp_path.glob("polyv_sms-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for script in ("reserve", "settle", "requeue", "_record", "ratelimit"):
+    for script in ("reserve", "settle", "requeue", "_record", "_gcra", "ratelimit"):
         assert f"polyv_sms/ledger/lua/{script}.lua" in names
     assert "polyv_sms/py.typed" in names
 

@@ -15,7 +15,7 @@ from test_dispatch import TZ, Clock, make, request
 
 from polyv_sms.errors import LedgerBroken
 from polyv_sms.ledger import Settlement
-from polyv_sms.ledger.journal import Journal, JournalReplayer
+from polyv_sms.ledger.journal import Journal, JournalReplayer, on_disk
 from polyv_sms.ledger.reconcile import Reconciler
 from polyv_sms.polyv.simulator import PolyvSimulator
 
@@ -51,12 +51,13 @@ def test_a_journal_entry_the_ledger_refuses_does_not_hold_up_the_other_answers(
     kept every later journal entry of the account from the ledger, and stopped the account's
     reconciler sweeping, for as long as the entry was there."""
     journal = Journal(tmp_path / "journal", account[0])
+    dead = Journal(tmp_path / "journal", account[0])  # another worker process, which dies
     with PolyvSimulator(*account, clock=clock) as sim:
         d = make(client, account, sim.url, clock, journal=journal)
         ledger = d.ledger
         # The oldest entry: its message record was clobbered by something else.
         client.set(ledger.keys.message("poisoned"), "not a hash")
-        journal.record(
+        dead.record(
             "poisoned",
             [Settlement(N1, "accepted", 12, "s-p^0", attempt=1)],
             days={N1: ledger.day()},
@@ -66,7 +67,7 @@ def test_a_journal_entry_the_ledger_refuses_does_not_hold_up_the_other_answers(
         )
         # A later answer of another message, read by a worker that died before its settle.
         good = ledger.reserve("good", [N2], token="dead2", meta=_meta([N2]))
-        journal.record(
+        dead.record(
             "good",
             [Settlement(N2, "accepted", 12, "s-g^0", attempt=1)],
             days={N2: good.states[0].day},
@@ -76,10 +77,12 @@ def test_a_journal_entry_the_ledger_refuses_does_not_hold_up_the_other_answers(
         )
         # And a message whose retry never ran: the reconciler's business.
         ledger.reserve("late", [N3], token="gone", meta=_meta([N3]))
+        dead.close()  # (the worker dies: another one takes its answers over)
 
         JournalReplayer(journal, ledger).replay_once()  # (the worker's thread, one pass)
         assert ledger.peek("good", [N2])[N2].state == "accepted"
-        assert [p.name.split("-")[1] for p in journal.entries()] == ["dead"]  # kept, not .bad
+        assert [e.token for e in journal.entries()] == ["dead"]  # kept, not .bad
+        assert not list(journal.directory.glob("*.bad"))
 
         clock.now += 3600
         enqueued: list[Any] = []
@@ -93,6 +96,7 @@ def test_a_journal_entry_the_ledger_refuses_does_not_hold_up_the_other_answers(
             d.run(request([N1], "poisoned"), message_id="poisoned", task_id="t2")
         assert sim.received(N1) == 0
     assert len(journal.entries()) == 1
+    assert [e.entry["message_id"] for e in on_disk(journal.directory)] == ["poisoned"]
 
 
 def test_a_journal_entry_the_settle_script_refuses_is_set_aside_and_the_rest_replayed(
@@ -101,12 +105,13 @@ def test_a_journal_entry_the_settle_script_refuses_is_set_aside_and_the_rest_rep
     """The script's own refusal comes wrapped in LedgerBroken since issue 11: the entry must
     still be set aside (not replayed forever) and the next entry replayed."""
     journal = Journal(tmp_path / "journal", account[0])
+    dead = Journal(tmp_path / "journal", account[0])  # another worker process, which dies
     d = make(client, account, "http://127.0.0.1:9", clock, journal=journal)
-    journal.record(
+    dead.record(
         "bad", [Settlement(N1, "no-such-action")], days={}, token="t", retry_at=0, now=clock.now
     )
     good = d.ledger.reserve("good2", [N2], token="x", meta=_meta([N2]))
-    journal.record(
+    dead.record(
         "good2",
         [Settlement(N2, "accepted", 12, "s-g2^0", attempt=1)],
         days={N2: good.states[0].day},
@@ -114,8 +119,10 @@ def test_a_journal_entry_the_settle_script_refuses_is_set_aside_and_the_rest_rep
         retry_at=clock.now,
         now=clock.now,
     )
+    dead.close()
     assert journal.replay(d.ledger) == 1
     assert journal.entries() == []
+    # The dead worker's file is gone (nothing left in it); the refused entry set aside.
     assert sorted(p.suffix for p in journal.directory.iterdir()) == [".bad"]
     assert d.ledger.peek("good2", [N2])[N2].state == "accepted"
 
@@ -188,7 +195,7 @@ def test_an_answer_the_broken_ledger_refused_is_kept_durably_and_never_sent_agai
     issue 11: here the message record clobbered while the request was in flight). The answer
     must stay in the journal - made durable, since it now waits for an operator, not for a
     restart - and the message must not be sent again meanwhile, nor once the ledger is fixed."""
-    from test_answers_kept import fsyncs, hook_after_send
+    from test_answers_kept import flushed, fsyncs, hook_after_send
 
     journal = Journal(tmp_path / "journal", account[0])
     with PolyvSimulator(*account, clock=clock) as sim:
@@ -206,8 +213,8 @@ def test_an_answer_the_broken_ledger_refused_is_kept_durably_and_never_sent_agai
         with pytest.raises(LedgerBroken):
             d.run(request([N1], "lb"), message_id="lb", task_id="t1")
         (entry,) = journal.entries("lb")
-        assert str(entry) in synced
-        assert str(journal.directory) in synced
+        assert flushed(entry) in synced  # the entry's pages
+        assert str(journal.directory) in synced  # (when its segment file was created)
         # While the ledger is broken, no run sends it again.
         again = make(client, account, sim.url, clock, journal=journal)
         with pytest.raises(LedgerBroken):
@@ -221,6 +228,7 @@ def test_an_answer_the_broken_ledger_refused_is_kept_durably_and_never_sent_agai
         assert outcome.result["results"][0]["outcome"] == "accepted"
         assert sim.received(N1) == 1
     assert journal.entries() == []
+    assert on_disk(journal.directory) == []
 
 
 def test_a_secret_file_that_is_not_utf8_is_a_clear_config_error(tmp_path: Path) -> None:

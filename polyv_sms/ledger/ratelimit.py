@@ -4,14 +4,18 @@ shared pause while Polyv blocks us for exceeding its rate.
 Polyv blocks a caller that exceeds its rate for 5 minutes (:data:`RATE_LIMIT_PAUSE_S`). Two
 keys of the account in the ledger Redis keep every worker and thread in step::
 
-    polyv_sms:{appId}:rate     the GCRA's next "theoretical arrival time" (lua/ratelimit.lua)
+    polyv_sms:{appId}:rate     the GCRA's next "theoretical arrival time" (lua/_gcra.lua)
     polyv_sms:{appId}:paused   set with a TTL when Polyv answered "rate exceeded": nobody sends
                                until it expires (``polyv-sms pause --clear`` lifts it early)
 
-Why a script of its own rather than a step of ``reserve``: the slot must be taken before any
-number is reserved (a request that waits for its slot burns no attempt and holds no unit), and
-``reserve`` is already the densest script of the ledger; the cost is one Redis round trip per
-Polyv request (about 0.1 ms on a local Redis, against a Polyv request of tens of ms).
+The dispatcher takes its slot in the same round trip as the reservation: it hands
+:meth:`RateGuard.limit` to ``Ledger.reserve(rate=...)``, and ``lua/reserve.lua`` consults the
+guard once it knows a number will be sent, before it writes anything, so that a request put off
+by the guard holds no unit and burns no attempt (a round trip of its own cost the worker
+about 5 % of its CPU per 1-number message: docs/performance.md). The GCRA lives in one place,
+``lua/_gcra.lua``, prepended to ``reserve.lua`` and to ``ratelimit.lua``, which is the guard on
+its own (:meth:`RateGuard.try_acquire`, for tests and tools). This class also keeps the pause:
+:meth:`RateGuard.block_seen`, :meth:`RateGuard.paused_for`, :meth:`RateGuard.clear`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import redis
+
+from polyv_sms.ledger.records import RateLimit, Slot
 from polyv_sms.ledger.store import Ledger, load_script
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "RATE_BURST_S",
     "RATE_LIMIT_PAUSE_S",
     "RateGuard",
+    "RateLimit",
     "Slot",
 ]
 
@@ -48,21 +55,6 @@ DEFAULT_RATE_WAIT_MAX_S = 1.0
 BULK_RATE_WAIT_MAX_S = 0.2
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    """The guard's answer.
-
-    Attributes:
-        granted: a slot is booked; send after sleeping ``wait_s``.
-        wait_s: seconds until the booked slot, or until trying again makes sense.
-        paused: Polyv blocks us; ``wait_s`` is what is left of the pause.
-    """
-
-    granted: bool
-    wait_s: float
-    paused: bool = False
-
-
 class RateGuard:
     """One account's shared limiter and pause (see the module docstring).
 
@@ -70,7 +62,7 @@ class RateGuard:
         ledger: the account's ledger (its Redis, keys and outage handling).
         rate: requests per second across every worker.
         max_wait_s: the longest in-process wait for a slot.
-        sleep: how to wait (injected in tests).
+        sleep: how to wait for a slot (injected in tests); the dispatcher uses it too.
         peers: the guards of every account of the deployment (this one joins it): Polyv
             blocks an IP, not an account, so a block seen through one pauses them all.
     """
@@ -92,8 +84,8 @@ class RateGuard:
         self.rate = rate
         self.max_wait_s = max_wait_s
         self.sleep = sleep
-        self.rate_key = ledger.keys.base + "rate"
-        self.pause_key = ledger.keys.base + "paused"
+        self.rate_key = ledger.keys.rate
+        self.pause_key = ledger.keys.paused
         self._interval_ms = 1000.0 / rate
         self._tolerance_ms = 1000.0 * RATE_BURST_S
         self._script = ledger.redis.register_script(load_script("ratelimit"))
@@ -106,14 +98,25 @@ class RateGuard:
         """Requests beyond the steady rate that may start in one second."""
         return math.floor(self.rate * RATE_BURST_S) + 1
 
-    def try_acquire(self, max_wait_s: float | None = None) -> Slot:
-        """Book a slot for one Polyv request, or say how long to wait (one round trip).
+    def limit(self, max_wait_s: float | None = None) -> RateLimit:
+        """The guard's parameters for ``Ledger.reserve(rate=...)``, which books the slot in
+        the reservation's round trip.
 
         Args:
             max_wait_s: the furthest slot to book; the guard's ``max_wait_s`` when ``None``.
         """
         wait_s = self.max_wait_s if max_wait_s is None else max_wait_s
-        args = [f"{self._interval_ms:.6f}", f"{self._tolerance_ms:.3f}", int(wait_s * 1000)]
+        return RateLimit(self._interval_ms, self._tolerance_ms, int(wait_s * 1000))
+
+    def try_acquire(self, max_wait_s: float | None = None) -> Slot:
+        """Book a slot for one Polyv request, or say how long to wait (one round trip of
+        ``lua/ratelimit.lua``; the dispatcher books its slots through ``reserve`` instead).
+
+        Args:
+            max_wait_s: the furthest slot to book; the guard's ``max_wait_s`` when ``None``.
+        """
+        rate = self.limit(max_wait_s)
+        args = [f"{rate.interval_ms:.6f}", f"{rate.tolerance_ms:.3f}", rate.max_wait_ms]
         verdict, ms = self.ledger.call(
             self._script, keys=[self.rate_key, self.pause_key], args=args
         )
@@ -168,9 +171,28 @@ class RateGuard:
             RATE_LIMIT_PAUSE_S,
         )
 
-    def paused_for(self) -> float:
-        """Seconds left of the pause (0 when not paused)."""
-        ms = int(self.ledger.call(self.ledger.redis.pttl, self.pause_key))
+    def paused_for(self, *, ride_out: bool = True) -> float:
+        """Seconds left of the pause (0 when not paused).
+
+        Args:
+            ride_out: ride out a Redis outage like every ledger call. ``False``: one attempt,
+                and 0 when Redis does not answer - the dispatcher's second look after waiting
+                for a slot, with its numbers reserved under a lease: riding out an outage there
+                would eat into the lease, and the look is best effort anyway (a request on the
+                wire when the pause is set cannot be called back either).
+        """
+        if ride_out:
+            ms = int(self.ledger.call(self.ledger.redis.pttl, self.pause_key))
+        else:
+            try:
+                ms = int(self.ledger.redis.pttl(self.pause_key))
+            except redis.RedisError as exc:
+                log.warning(
+                    "could not look at the shared pause of appId %s (%s); sending",
+                    self.ledger.app_id,
+                    type(exc).__name__,
+                )
+                return 0.0
         return max(0, ms) / 1000
 
     def clear(self) -> bool:

@@ -18,8 +18,10 @@ __all__ = [
     "REQUEST_PREFIX",
     "Keys",
     "NumberState",
+    "RateLimit",
     "Reservation",
     "Settlement",
+    "Slot",
     "content_fingerprint",
     "parse_record",
     "parse_states",
@@ -41,6 +43,9 @@ class Keys:
         self.pending = self.base + "pending"
         self.dead = self.base + "dead"
         self.reconcile_lock = self.base + "reconcile-lock"
+        #: The shared rate guard's GCRA state and pause (see ``ledger/ratelimit.py``).
+        self.rate = self.base + "rate"
+        self.paused = self.base + "paused"
 
     def quota(self, day: str) -> str:
         """The quota hash of a day (``YYYYMMDD``)."""
@@ -91,6 +96,35 @@ class NumberState(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Slot:
+    """The shared rate guard's answer for one Polyv request.
+
+    Attributes:
+        granted: a slot is booked; send after sleeping ``wait_s``.
+        wait_s: seconds until the booked slot, or until trying again makes sense.
+        paused: Polyv blocks us; ``wait_s`` is what is left of the pause.
+    """
+
+    granted: bool
+    wait_s: float
+    paused: bool = False
+
+
+class RateLimit(NamedTuple):
+    """The shared rate guard's parameters for one ``reserve`` (``RateGuard.limit`` makes them).
+
+    Attributes:
+        interval_ms: the emission interval, 1000 / SMS_POLYV_RATE.
+        tolerance_ms: how far ahead of the steady pace a request may go (the burst).
+        max_wait_ms: the furthest slot to book; a later one puts the run off.
+    """
+
+    interval_ms: float
+    tolerance_ms: float
+    max_wait_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """What ``reserve`` decided.
 
@@ -100,12 +134,17 @@ class Reservation:
         pending: numbers of the message still reserved (in flight or waiting for a retry).
         states: one entry per number asked about, in the order asked.
         conflict: the message id was used with another content; nothing was reserved.
+        slot: the rate guard's verdict, when it was asked (``reserve(rate=...)``) and a
+            number was to be sent: granted (sleep ``wait_s``, then send), or refused (no
+            slot near enough, or ``paused``): then nothing was reserved and ``states`` is
+            empty. ``None``: no guard, or nothing to send (no slot booked).
     """
 
     busy_for_s: float | None
     pending: int
     states: tuple[NumberState, ...]
     conflict: bool = False
+    slot: Slot | None = None
 
 
 class Settlement(NamedTuple):

@@ -12,8 +12,10 @@ Redis Cluster slot::
     polyv_sms:{appId}:dead               zset: message ids with numbers that ended failed
     polyv_sms:{appId}:pending            zset: message ids with numbers still reserved, scored
                                          by when the reconciler may re-enqueue them
+    polyv_sms:{appId}:rate, :paused      the shared rate guard (see ``ratelimit.py``)
 
-``reserve`` and ``settle`` are one Lua script each, one round trip per Polyv request. Every
+``reserve`` and ``settle`` are one Lua script each, one round trip per Polyv request;
+``reserve`` also takes the request's slot of the shared rate guard. Every
 call rides out a short Redis outage (a restart) with a bounded in-place retry, so that a
 settle after Polyv accepted the numbers is not lost.
 
@@ -49,8 +51,10 @@ from polyv_sms.ledger.records import (
     REQUEST_PREFIX,
     Keys,
     NumberState,
+    RateLimit,
     Reservation,
     Settlement,
+    Slot,
     content_fingerprint,
     parse_record,
     parse_states,
@@ -68,7 +72,9 @@ __all__ = [
 log = logging.getLogger("polyv_sms.ledger")
 
 _T = TypeVar("_T")
-_USES_RECORD_HELPERS = frozenset({"reserve", "settle"})
+#: The helper files prepended to a script: ``_record.lua`` (a number's record) and
+#: ``_gcra.lua`` (the shared rate guard).
+_HELPERS = {"reserve": ("_record", "_gcra"), "settle": ("_record",), "ratelimit": ("_gcra",)}
 #: Errors a Redis restart, failover or a full Redis produce; they pass, so the call is retried
 #: (the scripts are safe to replay, and Redis rejects a script's first write when full, never a
 #: later one, so nothing is half-applied).
@@ -101,13 +107,12 @@ _OUTAGE_WAIT_MAX_S = 1.0
 def load_script(name: str) -> str:
     """Return the source of ``polyv_sms/ledger/lua/<name>.lua`` (shipped in the wheel).
 
-    ``reserve`` and ``settle`` come with ``_record.lua`` (their shared helpers) prepended.
+    ``reserve`` and ``settle`` come with ``_record.lua`` (their shared helpers) prepended,
+    ``reserve`` and ``ratelimit`` with ``_gcra.lua`` (the rate guard's).
     """
     lua = resources.files("polyv_sms.ledger").joinpath("lua")
-    source = lua.joinpath(f"{name}.lua").read_text("utf-8")
-    if name in _USES_RECORD_HELPERS:
-        source = lua.joinpath("_record.lua").read_text("utf-8") + source
-    return source
+    parts = [*_HELPERS.get(name, ()), name]
+    return "".join(lua.joinpath(f"{part}.lua").read_text("utf-8") for part in parts)
 
 
 @functools.lru_cache(maxsize=16)  # strptime is slow, and a day is asked for all day
@@ -265,6 +270,7 @@ class Ledger:
         meta: Mapping[str, object] | None = None,
         account_limit: int | None = None,
         resend_unsettled: bool = True,
+        rate: RateLimit | None = None,
     ) -> Reservation:
         """Take a quota unit for each new number and grant this attempt to reserved ones.
 
@@ -283,15 +289,22 @@ class Ledger:
                 when ``None``.
             resend_unsettled: ``False`` at most once: a number whose last attempt's run was
                 lost before it settled gets the verdict ``unsettled`` instead of an attempt.
+            rate: the shared rate guard's parameters (``RateGuard.limit``): the same round
+                trip books a slot for the request, or reserves nothing when Polyv blocks us
+                or no slot is near enough (see ``lua/reserve.lua``); ``None``: no guard.
 
         Returns:
             The decision for each number, in order; ``conflict`` is set (and nothing was
-            written) when the message id was used with another content.
+            written) when the message id was used with another content; ``slot`` is the
+            guard's verdict when it was asked.
         """
         now = self.clock()
         now_ms = int(now * 1000)
         day = self.day(now)
         invalid = list(invalid)
+        rate_args: tuple[Any, ...] = ("", "", "")
+        if rate is not None:
+            rate_args = (f"{rate.interval_ms:.6f}", f"{rate.tolerance_ms:.3f}", rate.max_wait_ms)
         args: list[Any] = [
             now_ms,
             day,
@@ -312,11 +325,14 @@ class Ledger:
             int(self.takeover_grace_s * 1000),
             "" if resend_unsettled else "1",
             now_ms,
+            *rate_args,
             *numbers,
         ]
         for text, reason in invalid:
             args += [text, reason]
         keys = [self.keys.message(message_id), self.keys.quota(day), self.keys.pending]
+        if rate is not None:
+            keys += [self.keys.rate, self.keys.paused]
         due_ms = int((self.lease_s + self.reconcile_grace_s) * 1000)
 
         def attempt() -> Any:
@@ -329,10 +345,15 @@ class Ledger:
         reply = self.call(attempt)
         if reply[0] == "conflict":
             return Reservation(None, 0, (), conflict=True)
-        if reply[0] == "busy":
+        verdict = reply[0]
+        if verdict == "busy":
             return Reservation(int(reply[1]) / 1000, 0, ())
+        if verdict in ("rate", "paused"):
+            refused = Slot(False, int(reply[1]) / 1000, paused=verdict == "paused")
+            return Reservation(None, 0, (), slot=refused)
         asked = [*numbers, *(text for text, _ in invalid)]
-        return Reservation(None, int(reply[1]), parse_states(asked, reply[2:]))
+        slot = Slot(True, int(reply[2]) / 1000) if reply[2] else None
+        return Reservation(None, int(reply[1]), parse_states(asked, reply[3:]), slot=slot)
 
     def settle(
         self,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_for
 
 from polyv_sms.config import Settings
 from polyv_sms.ledger import build_ledger, connect_redis
+from polyv_sms.ledger.journal import on_disk
 from polyv_sms.ledger.receipts import Receipts
 
 from .test_unpublished_retry import held_by_broker, refuse_pushes
@@ -41,8 +43,9 @@ def only(result: dict) -> dict:
     return dict(result["results"][0])
 
 
-def journal_entries(directory: Path) -> list[Path]:
-    return list(directory.rglob("*.json")) if directory.exists() else []
+def journal_entries(directory: Path) -> list[Any]:
+    """The answers in the journal's files that the ledger has not taken, whoever holds them."""
+    return on_disk(directory)
 
 
 # --------------------------------------------------------------------------- trickling answer

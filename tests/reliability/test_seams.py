@@ -57,7 +57,7 @@ def test_each_accounts_journal_reaches_its_own_ledger_when_a_worker_starts(
     import redis
 
     from polyv_sms.ledger import Settlement
-    from polyv_sms.ledger.journal import Journal
+    from polyv_sms.ledger.journal import Journal, on_disk
 
     app_a = account[0]
     app_b, secret_b = f"appB{secrets.token_hex(4)}", f"secB-{secrets.token_hex(8)}"
@@ -72,7 +72,8 @@ def test_each_accounts_journal_reaches_its_own_ledger_when_a_worker_starts(
             keys.message(message),
             mapping={f"n:{number}": f"reserved|{day}|1|||1|", "pending": 1, "lease": "dead"},
         )
-        Journal(journal_dir, app_id).record(
+        dead = Journal(journal_dir, app_id)  # the dead worker's
+        dead.record(
             message,
             [Settlement(number, "accepted", 12, f"s-{message}^0", attempt=1)],
             days={number: day},
@@ -80,10 +81,12 @@ def test_each_accounts_journal_reaches_its_own_ledger_when_a_worker_starts(
             retry_at=time.time(),
             now=time.time(),
         )
+        dead.close()  # (it died: its file stays, its lock goes)
+        assert len(on_disk(journal_dir / app_id)) == 1
     path = tmp_path / "accounts.toml"
     path.write_text(f'[accounts.shop-b]\napp_id = "{app_b}"\napp_secret_env = "SHOP_B"\n')
     start_worker(SMS_ACCOUNTS_FILE=path, SHOP_B=secret_b, SMS_JOURNAL_DIR=journal_dir)
-    wait_for(lambda: not list(journal_dir.rglob("*.json")), 30, what="the journals to be replayed")
+    wait_for(lambda: not on_disk(journal_dir), 30, what="the journals to be replayed")
     for app_id, message, other in ((app_a, "ja", "jb"), (app_b, "jb", "ja")):
         state = ledger.hget(Keys(app_id).message(message), f"n:{number}")
         assert state is not None
@@ -98,11 +101,22 @@ def test_each_accounts_journal_reaches_its_own_ledger_when_a_worker_starts(
 def test_a_journal_no_account_replays_is_reported_at_start(start_worker, tmp_path) -> None:
     """Answers left in the journal of an account since removed from the accounts file were
     never replayed, and nothing said so: their receipts never reached the ledger."""
+    from polyv_sms.ledger import Settlement
+    from polyv_sms.ledger.journal import Journal, on_disk
+
     journal_dir = tmp_path / "journal"
     gone = journal_dir / "appGone123"
-    gone.mkdir(parents=True)
-    (gone / "0123456789abcdef0123-tok-1.json").write_text("{}")
+    dead = Journal(journal_dir, "appGone123")  # a worker of that account, dead since
+    dead.record(
+        "m-gone",
+        [Settlement(phone(630), "accepted", 12, "s-gone^0", attempt=1)],
+        days={phone(630): "20261130"},
+        token="dead",
+        retry_at=time.time(),
+        now=time.time(),
+    )
+    dead.close()
     worker = start_worker(SMS_JOURNAL_DIR=journal_dir)
     wait_for(lambda: "holds 1 answers of an appId" in worker.log(), 30, what="the warning")
     assert str(gone) in worker.log()
-    assert (gone / "0123456789abcdef0123-tok-1.json").exists()
+    assert [e.entry["message_id"] for e in on_disk(gone)] == ["m-gone"]

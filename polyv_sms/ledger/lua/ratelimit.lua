@@ -1,11 +1,10 @@
 --[[
-ratelimit.lua — the shared rate guard: one slot of SMS_POLYV_RATE requests per second for one
-Polyv request, across every worker and thread that shares the ledger Redis. A GCRA (generic
-cell rate algorithm): one key holding the "theoretical arrival time" of the next request.
+ratelimit.lua — the shared rate guard on its own: one slot of SMS_POLYV_RATE requests per
+second, across every worker and thread that shares the ledger Redis (the GCRA is in
+_gcra.lua, prepended). The dispatcher does not call it: reserve.lua takes the slot in the same
+round trip as the reservation. RateGuard.try_acquire (tests, tools) does.
 
-One round trip, atomic. Called just before each Polyv request (after nothing else: a request
-that gets no slot has reserved nothing and burns no attempt). The time is Redis's own (TIME),
-so the workers' clocks need not agree.
+One round trip, atomic.
 
 KEYS[1]  polyv_sms:{appId}:rate     string, the TAT (ms, float) of the account's next request
 KEYS[2]  polyv_sms:{appId}:paused   string, set while Polyv blocks us (rate exceeded); its
@@ -21,24 +20,13 @@ Returns one of
   {"paused", ms_left}  Polyv blocked us: nobody sends until the pause key expires
 ]]
 
-local paused = redis.call('PTTL', KEYS[2])
-if paused > 0 then
+local paused = gcra_paused(KEYS[2])
+if paused then
   return {'paused', tostring(paused)}
 end
-
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local wait = tat - tolerance - now
-if wait < 0 then wait = 0 end
+local wait, book = gcra_next(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 if wait > tonumber(ARGV[3]) then
-  return {'later', tostring(math.ceil(wait))}
+  return {'later', tostring(wait)}
 end
-local next_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', next_tat),
-  'PX', math.ceil(next_tat - now + tolerance) + 1000)
-return {'ok', tostring(math.ceil(wait))}
+book()
+return {'ok', tostring(wait)}

@@ -1,13 +1,28 @@
 --[[
-reserve.lua — take daily quota units for the numbers of one message, before one Polyv request.
+reserve.lua — take daily quota units for the numbers of one message, and a slot of the shared
+rate guard, before one Polyv request.
 
 One round trip, atomic. Per number, all-or-nothing; everything is checked before it is written.
 Safe to replay: the ledger retries a call whose reply was lost in a Redis restart, and a replay
-(same lease token, same ARGV[1]) takes no second unit and counts no second attempt.
+(same lease token, same ARGV[1]) takes no second unit and counts no second attempt. The guard
+never refuses a replay (the first call was not refused: it granted the attempts the replay
+finds): it books a second slot if one is within ARGV[22] (conservative: the first call's slot
+goes unused), else books nothing and answers ARGV[22] as the wait, by which time the first
+call's slot (booked at most ARGV[22] after that call) has come.
+
+The rate guard (with KEYS[4] and KEYS[5]; _gcra.lua is prepended) is consulted once the
+verdicts are known and before anything of them is written, only when a number would be sent:
+paused, or no slot within ARGV[22], and the call returns with nothing reserved (no unit taken,
+no attempt counted, no lease, not even the request stored: only a takeover's lease_stale note
+may be written, as for "busy"); a reserve that sends nothing books no slot and is never put
+off. The content check and the lease (busy) come first, as without the guard.
 
 KEYS[1]  polyv_sms:{appId}:msg:<message_id>   hash, the message record
 KEYS[2]  polyv_sms:{appId}:quota:<YYYYMMDD>   hash, per-number counts + field "_total"
 KEYS[3]  polyv_sms:{appId}:pending            zset, message ids with numbers still reserved
+KEYS[4]  polyv_sms:{appId}:rate               string, the rate guard's TAT (see _gcra.lua)
+KEYS[5]  polyv_sms:{appId}:paused             string, set while Polyv blocks us
+         (KEYS[4] and KEYS[5] are given together, or both left out: no guard)
 
 ARGV[1]  now (ms since the epoch)
 ARGV[2]  day (YYYYMMDD in SMS_TIMEZONE) of KEYS[2]
@@ -34,8 +49,11 @@ ARGV[18] "1" at most once (SMS_RETRY_AMBIGUOUS=false): a number whose last attem
 ARGV[19] now (ms) at this attempt of the call: the lease's clock. ARGV[1] is the call's first
          attempt's (the record's times, and what tells a replay); a call that rode out a Redis
          outage before it got through must still get a whole lease, counted from now
-ARGV[20 .. 19+n]           the valid numbers (normalised, 11 digits)
-ARGV[20+n .. 19+n+2m]      invalid number text, reason
+ARGV[20] the guard's emission interval (ms): 1000 / SMS_POLYV_RATE ("" without the guard)
+ARGV[21] the guard's burst tolerance (ms) ("" without the guard)
+ARGV[22] the longest wait (ms) for a slot; a slot further away is not booked ("" without)
+ARGV[23 .. 22+n]           the valid numbers (normalised, 11 digits)
+ARGV[23+n .. 22+n+2m]      invalid number text, reason
 
 Message record fields:
   req:<task id> JSON of each task's request (task id, names, values, numbers, created at),
@@ -51,17 +69,21 @@ Message record fields:
                 state: reserved accepted invalid quota_exceeded account_quota_exceeded failed
 
 Returns {"conflict"} when the message id was used with another content (nothing is written),
-{"busy", ms_left} when another run holds the lease (the request is recorded first), else
-{"ok", pending, then one string per number, in the order asked:
+{"busy", ms_left} when another run holds the lease (the request is recorded first),
+{"paused", ms_left} when Polyv blocks us, {"rate", wait_ms} when the next slot is further than
+ARGV[22] (both: nothing reserved, see above), else
+{"ok", pending, slot, then one string per number, in the order asked:
 "verdict|day|attempts|status|serial|updated|error"} (the number's n:<number> field as it now
-is, with the verdict in place of the state) where
-verdict is "send" (a unit is held and this attempt is granted), "exhausted" (reserved but no
+is, with the verdict in place of the state) where slot is the wait (ms) before sending, until
+the slot booked for this request ("" when the guard was not asked: no guard, or nothing to
+send; a replay may wait for the first call's slot, see the top) and verdict is "send" (a unit is held and this attempt is granted), "exhausted" (reserved but no
 attempts left), "unsettled" (at most once: the run that sent its last attempt was lost before
 it settled; Polyv may have sent it) or the final state.
 
 Cost: the records and today's counts of all numbers are read with one HMGET each and every
 write to the record goes in one HSET at the end, so a call runs about 10 Redis commands whatever
-the number of numbers (not 4 per number); local copies keep the per-number logic sequential.
+the number of numbers (not 4 per number), 4 more with the guard (PTTL, TIME, GET, SET); local
+copies keep the per-number logic sequential.
 ]]
 
 local msg, quota, pending_set = KEYS[1], KEYS[2], KEYS[3]
@@ -73,8 +95,9 @@ local max_attempts = tonumber(ARGV[7])
 local token = ARGV[8]
 local n = tonumber(ARGV[14])
 local m = tonumber(ARGV[15])
-local FIRST = 20  -- ARGV index of the first number
+local FIRST = 23  -- ARGV index of the first number
 local lease_now = tonumber(ARGV[19])
+local guarded = KEYS[5] ~= nil
 
 local head = redis.call('HMGET', msg, 'lease', 'lease_until', 'pending', 'content', 'lease_stale',
   'lease_at')
@@ -83,16 +106,20 @@ local holder = head[1]
 local orphaned_at = nil
 
 -- ---- one message id, one content; the request recorded before anything can return busy --
-if ARGV[16] ~= '' then
-  if head[4] and head[4] ~= ARGV[16] then
-    return {'conflict'}
-  end
-  if not head[4] then
+if ARGV[16] ~= '' and head[4] and head[4] ~= ARGV[16] then
+  return {'conflict'}
+end
+-- (Written just before a "busy" or "ok" reply: a run the rate guard puts off leaves nothing.)
+local stored = false
+local function store_request()
+  if stored then return end
+  stored = true
+  if ARGV[16] ~= '' and not head[4] then
     redis.call('HSET', msg, 'content', ARGV[16])
   end
-end
-if ARGV[12] ~= '' then
-  redis.call('HSETNX', msg, ARGV[12], ARGV[13])
+  if ARGV[12] ~= '' then
+    redis.call('HSETNX', msg, ARGV[12], ARGV[13])
+  end
 end
 
 -- ---- the lease: a live one is respected; an expired one is left to its holder for a grace --
@@ -101,16 +128,19 @@ end
 if holder and holder ~= token then
   local lease_until = tonumber(head[2] or '0')
   if lease_until > lease_now then
+    store_request()
     redis.call('EXPIRE', msg, ARGV[4])
     return {'busy', tostring(lease_until - lease_now)}
   end
   local grace = tonumber(ARGV[17])
   local stale = tonumber(head[5] or '0')
   if stale < lease_until then
+    store_request()
     redis.call('HSET', msg, 'lease_stale', lease_now)
     redis.call('EXPIRE', msg, ARGV[4])
     if grace > 0 then return {'busy', tostring(grace)} end
   elseif stale + grace > lease_now then
+    store_request()
     return {'busy', tostring(stale + grace - lease_now)}
   end
   if ARGV[18] == '1' then orphaned_at = head[6] end
@@ -141,7 +171,7 @@ local function write(field, record)
   writes[#writes + 1] = record
 end
 
-local out = {'ok', ''}
+local out = {'ok', '', ''}
 local function emit(verdict, record)
   local bar = string.find(record, '|', 1, true)
   if string.sub(record, 1, bar - 1) ~= verdict then
@@ -152,6 +182,7 @@ end
 
 local used = tonumber(counts['_total'] or '0')
 local taken, sends = 0, 0
+local replayed = false
 local pending = tonumber(head[3] or '0')
 
 for i = FIRST, FIRST - 1 + n do
@@ -168,6 +199,7 @@ for i = FIRST, FIRST - 1 + n do
       -- was lost (a Redis restart). Grant the same attempt again; count it once.
       emit('send', current)
       sends = sends + 1
+      replayed = true
     elseif orphaned_at and updated == orphaned_at then
       emit('unsettled', current)
     elseif attempts >= max_attempts then
@@ -222,6 +254,25 @@ for i = FIRST + n, FIRST - 1 + n + 2 * m, 2 do
   end
 end
 
+-- ---- the rate guard: only for a request that will be sent; nothing is written before it ----
+if guarded and sends > 0 then
+  if not replayed then
+    local paused = gcra_paused(KEYS[5])
+    if paused then return {'paused', tostring(paused)} end
+  end
+  local wait, book = gcra_next(KEYS[4], tonumber(ARGV[20]), tonumber(ARGV[21]))
+  local max_wait = tonumber(ARGV[22])
+  if wait <= max_wait then
+    book()
+  elseif replayed then
+    wait = max_wait  -- the first call's slot (see the top)
+  else
+    return {'rate', tostring(wait)}
+  end
+  out[3] = tostring(wait)
+end
+
+store_request()
 if taken > 0 then
   quota_writes[#quota_writes + 1] = '_total'
   quota_writes[#quota_writes + 1] = used

@@ -1,0 +1,96 @@
+"""The answer journal with real worker processes: a worker SIGKILLed right after it read
+Polyv's answer, while the ledger is frozen, leaves the answer in its journal file; another
+worker process, alive on the same journal directory, takes the file over without the ledger,
+settles the answer once the ledger is back, and the number is never sent again.
+
+(The same worker started again after a kill: ``test_answers_kept.py``.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+
+from polyv_sms.config import Settings
+from polyv_sms.ledger import build_ledger, connect_redis
+from polyv_sms.ledger.journal import on_disk
+from polyv_sms.ledger.receipts import Receipts
+
+from .tools import Results, elapsed, log_lines, phone, seen_by_message
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_worker_killed_after_reading_the_answer_is_taken_over_by_a_live_one(
+    make_redis, start_worker, producer, sim, account, redis_server, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    ledger_server = make_redis(appendonly=True)
+    journal = tmp_path / "journal"
+    options = {
+        "POLYV_HTTP_TIMEOUT": 4,
+        "SMS_REDIS_URL": ledger_server.url(0),
+        "SMS_REDIS_OUTAGE": 30,  # the settle waits on the frozen ledger: killed meanwhile
+        "SMS_JOURNAL_DIR": journal,
+        "SMS_VISIBILITY_TIMEOUT": 10,
+    }
+    workers = [start_worker(concurrency=2, **options) for _ in range(2)]
+    results = Results(redis_server.client(1))
+    number = phone(750)
+    sim.set_faults(latency_s=1.0)
+    task = producer(redis_server.url(0)).send([number], tag="takeover", message_id="takeover")
+    wait_for(sim.requests, 10, what="the request")
+    assert ledger_server.process is not None
+    os.kill(ledger_server.process.pid, signal.SIGSTOP)  # frozen while Polyv answers
+    try:
+        # The answer is read: it is in the journal of the worker that sent it. Kill that one.
+        (found,) = wait_for(lambda: on_disk(journal), 10, what="the answer in the journal")
+        segment = found.path
+        victim = next(w for w in workers if w.process and f"{w.process.pid}-" in segment.name)
+        survivor = next(w for w in workers if w is not victim)
+        victim.kill()
+        # The live worker takes the dead one's file over (no ledger needed for that).
+        wait_for(
+            lambda: log_lines(survivor, "took over 1 answers a dead process left"),
+            10,
+            what="the live worker to take the answer over",
+        )
+        assert segment.exists()  # the ledger has not taken it yet
+    finally:
+        os.kill(ledger_server.process.pid, signal.SIGCONT)
+    wait_for(lambda: not segment.exists(), 60, what="the answer to reach the ledger")
+    assert on_disk(journal) == []
+    serials = seen_by_message(sim)[("takeover", number)].accepted
+    settings = Settings.from_env({"POLYV_APP_ID": account[0], "SMS_REDIS_URL": ledger_server.url()})
+    receipts = Receipts(build_ledger(settings, connect_redis(ledger_server.url())))
+    receipt = receipts.receipt(serials[0])
+    assert receipt is not None
+    assert receipt["message_id"] == "takeover"
+    # The task comes back (the broker's visibility timeout) to the live worker: nothing sent.
+    sim.set_faults(latency_s=0.0)
+    result = results.successes([task], timeout=90)[task]
+    (outcome,) = result["results"]
+    assert (outcome["outcome"], outcome["serial_no"]) == ("accepted", serials[0])
+    assert sim.received(number) == 1
+    assert log_lines(survivor, "kept in the journal reached the ledger")
+    print(f"\nworker killed with the answer, ledger frozen: taken over; {elapsed(started)}s")
+
+
+def test_a_worker_stopped_cleanly_leaves_no_journal_file(
+    start_worker, producer, sim, account, redis_server, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal"
+    worker = start_worker(SMS_JOURNAL_DIR=journal)
+    results = Results(redis_server.client(1))
+    number = phone(760)
+    task = producer(redis_server.url(0)).send([number], tag="clean", message_id="clean")
+    (outcome,) = results.successes([task], timeout=30)[task]["results"]
+    assert outcome["outcome"] == "accepted"
+    assert len(list((journal / account[0]).glob("*.seg"))) == 1  # its file, while it runs
+    assert worker.stop() == 0  # warm shutdown (SIGTERM)
+    assert list((journal / account[0]).iterdir()) == []
