@@ -240,3 +240,38 @@ def test_the_ledger_client_follows_what_the_url_names(tmp_path: Path) -> None:
     finally:
         plain.stop()
         node.stop()
+
+
+def test_a_frozen_ledger_redis_is_an_outage_within_the_socket_timeout(tmp_path: Path) -> None:
+    """The plain client bounds its waits in the kernel (SO_RCVTIMEO, no poll() before each
+    read): a Redis that accepts and never answers (SIGSTOP) is still a connection error
+    within about socket_timeout per try, and the client works again once Redis does."""
+    import signal
+    import socket
+
+    server = RedisServer(tmp_path / "frozen").start()
+    assert server.process is not None
+    client = connect_redis(server.url(0), socket_timeout=0.4, connect_timeout=0.4)
+    try:
+        assert client.set("k", "v")
+        connection = client.connection_pool.get_connection()
+        try:
+            sock = connection._sock
+            assert sock is not None
+            assert sock.gettimeout() is None  # blocking: no poll() before each call
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) != bytes(16)
+        finally:
+            client.connection_pool.release(connection)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+                client.get("k")
+            # Three tries (redis-py's Retry of 2) of 0.4 s each, plus its backoff.
+            assert time.monotonic() - started < 3.0
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert client.get("k") == "v"
+    finally:
+        client.close()
+        server.stop()
