@@ -71,8 +71,10 @@ JOURNAL_REPLAYED = Counter(
 )
 JOURNAL_PENDING = Gauge(
     "polyv_sms_journal_entries",
-    "Polyv answers in this host's journal that the ledger has not taken (looked at every second "
-    "by the journal thread); above 0 for long: the ledger is unreachable from this host.",
+    "Polyv answers in this worker's journal of an account that the ledger has not taken (looked "
+    "at every second by the account's journal thread); above 0 for long: the ledger is "
+    "unreachable from this host, or an entry cannot be settled.",
+    ["account"],
 )
 
 

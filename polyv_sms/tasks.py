@@ -366,6 +366,12 @@ def _start_background(**_: Any) -> None:
         raise WorkerShutdown(EXIT_BACKGROUND_FAILED) from None
 
 
+@signals.worker_process_init.connect
+def _start_in_pool_child(**_: Any) -> None:
+    # Sent in each child of a prefork pool only (the threads pool, the project's, has none).
+    background.start_in_pool_child()
+
+
 @signals.worker_shutting_down.connect
 def _stop_background(**_: Any) -> None:
     background.stop()

@@ -107,10 +107,17 @@ def start_worker(
     """Start worker subprocesses: ``start_worker(concurrency=4, SMS_MAX_ATTEMPTS=3, ...)``."""
     started: list[WorkerProcess] = []
 
-    def start(concurrency: int = 4, wait: bool = True, **overrides: object) -> WorkerProcess:
+    def start(
+        concurrency: int = 4,
+        wait: bool = True,
+        extra_args: tuple[str, ...] = (),
+        **overrides: object,
+    ) -> WorkerProcess:
         env = worker_env(account, sim, redis_server, **overrides)
         log = tmp_path / f"worker-{len(started)}.log"
-        worker = WorkerProcess(env, log, concurrency=concurrency, name=f"w{len(started)}")
+        worker = WorkerProcess(
+            env, log, concurrency=concurrency, name=f"w{len(started)}", extra_args=extra_args
+        )
         started.append(worker)
         return worker.start(wait=wait)
 

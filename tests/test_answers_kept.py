@@ -692,10 +692,10 @@ def test_the_journal_thread_replays_and_reports_what_is_left(
     ).ledger
     down.outage_s = 0.1
     assert JournalReplayer(journal, down).replay_once() == 0
-    assert metrics.JOURNAL_PENDING._value.get() == 1
+    assert metrics.JOURNAL_PENDING.labels("default")._value.get() == 1
     before = metrics.JOURNAL_REPLAYED._value.get()
     assert JournalReplayer(journal, ledger).replay_once() == 1
-    assert metrics.JOURNAL_PENDING._value.get() == 0
+    assert metrics.JOURNAL_PENDING.labels("default")._value.get() == 0
     assert metrics.JOURNAL_REPLAYED._value.get() == before + 1
     assert ledger.peek("jt", [N1])[N1].serial_no == "s-jt^0"
     assert list(journal.directory.iterdir()) == []

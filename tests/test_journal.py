@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import CannedServer
 from test_dispatch import TZ, Clock, make
 
 from polyv_sms.ledger import Ledger, Settlement
@@ -456,3 +457,232 @@ def test_inspecting_the_journal_prints_its_open_entries(tmp_path: Path, ledger: 
     assert found["entry"]["message_id"] == "look"
     assert found["entry"]["items"][0][:4] == [N1, "accepted", 12, "s-look^0"]
     assert found["slot"] == 0
+
+
+# --------------------------------------------------------------------------- hostile answers
+
+
+def test_an_answer_with_a_lone_surrogate_reaches_the_ledger_and_holds_up_nothing(
+    tmp_path: Path, client, account, clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Polyv's text is JSON: a desc or serialNo may carry a lone surrogate (``"\\ud83d"``, an
+    emoji cut in two by a server truncating UTF-16), which Redis's client cannot encode. The
+    settle raised UnicodeEncodeError: the run failed with it, and its entry, kept, raised again
+    in every replay - before any later entry of the account was tried, and in every sweep of
+    the account's reconciler (it replays first) - for as long as it was on disk."""
+    from test_dispatch import request
+
+    from polyv_sms.ledger.reconcile import Reconciler
+
+    journal = Journal(tmp_path, account[0])
+    dead = Journal(tmp_path, account[0])  # another worker process, which dies
+    # Polyv refuses the request with a desc ending in half an emoji.
+    body = b'{"code":400,"success":false,"error":{"code":10001,"desc":"bad sign \\ud83d"}}'
+    with CannedServer(200, body) as polyv:
+        d = make(client, account, polyv.url, clock, journal=journal)
+        ledger = d.ledger
+        result = d.run(request([N1], "cut"), message_id="cut", task_id="t1").result
+        assert len(polyv.requests) == 1
+    assert result is not None
+    (outcome,) = result["results"]
+    assert outcome["outcome"] == "failed"
+    assert "bad sign \ufffd" in outcome["error"]
+    assert journal.entries() == []
+    assert on_disk(tmp_path) == []
+
+    # An entry of that kind already on disk (a status-12 with a cut serialNo), older than an
+    # ordinary one, both left by a worker that died: both reach the ledger.
+    cut = ledger.reserve("cut12", [N2], token="dead", meta=_meta([N2]))
+    dead.record(
+        "cut12",
+        [Settlement(N2, "accepted", 12, "s-\udc80^0", attempt=1)],
+        days={N2: cut.states[0].day},
+        token="dead",
+        retry_at=clock.now,
+        now=clock.now,
+    )
+    fine = ledger.reserve("fine", [N3], token="dead2", meta=_meta([N3]))
+    dead.record(
+        "fine",
+        [Settlement(N3, "accepted", 12, "s-fine^0", attempt=1)],
+        days={N3: fine.states[0].day},
+        token="dead2",
+        retry_at=clock.now,
+        now=clock.now,
+    )
+    dead.close()
+    ledger.reserve("late", ["13900003004"], token="gone", meta=_meta(["13900003004"]))
+    clock.now += 3600
+    enqueued: list[Any] = []
+    swept = Reconciler(ledger, lambda *a: enqueued.append(a), interval_s=5, journal=journal).sweep()
+    assert swept == ["late"]  # the reconciler sweeps
+    assert state(ledger, "fine", N3) == "accepted"
+    assert ledger.peek("cut12", [N2])[N2].state == "accepted"
+    assert ledger.peek("cut12", [N2])[N2].serial_no == "s-\ufffd^0"
+    assert journal.entries() == []
+    assert on_disk(tmp_path) == []
+    assert not list(journal.directory.glob("*.bad"))
+
+
+def test_an_entry_whose_settle_raises_anything_else_is_kept_and_holds_up_nothing(
+    tmp_path: Path, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever else one entry's settle raises (the client refusing an argument, a bug): the
+    entry stays, the later ones are replayed, and the pass ends in LedgerBroken (the run of
+    that message is not sent; the reconciler sweeps anyway) - not the error itself, which
+    stopped the pass at the entry, every second, and every sweep of the reconciler."""
+    from polyv_sms.errors import LedgerBroken
+
+    journal = Journal(tmp_path, "appOdd")
+    odd = answer(journal, ledger, "odd", N1, "s-odd^0")
+    journal.keep(odd)
+    journal.keep(answer(journal, ledger, "even", N2, "s-even^0"))
+
+    class OddLedger:
+        def settle(self, message_id: str, *args: Any, **kwargs: Any) -> Any:
+            if message_id == "odd":
+                raise TypeError("unhashable type: 'list'")
+            return ledger.settle(message_id, *args, **kwargs)
+
+    with caplog.at_level(logging.ERROR, "polyv_sms.ledger.journal"), pytest.raises(LedgerBroken):
+        journal.replay(OddLedger())  # type: ignore[arg-type]
+    assert state(ledger, "even", N2) == "accepted"
+    assert [e.message_id for e in journal.entries()] == ["odd"]  # kept, not set aside
+    assert not list(journal.directory.glob("*.bad"))
+    assert "TypeError" in caplog.text
+    assert JournalReplayer(journal, OddLedger()).replay_once() == 0  # type: ignore[arg-type]
+    assert journal.replay(ledger) == 1  # (fixed: it goes)
+    assert state(ledger, "odd", N1) == "accepted"
+
+
+def test_an_unreadable_journal_directory_stops_neither_the_replays_nor_the_reconciler(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """The directory cannot be listed (its owner or mode changed under a running worker, an
+    I/O error): the error escaped every pass - the journal thread replayed nothing, not even
+    this process's own entries, and every sweep of the account's reconciler failed."""
+    from polyv_sms.ledger.reconcile import Reconciler
+
+    journal = Journal(tmp_path, "appLocked")
+    journal.keep(answer(journal, ledger, "locked", N1, "s-locked^0"))
+    ledger.reserve("overdue", [N2], token="gone", meta=_meta([N2]))
+    listdir = os.listdir
+
+    def refused(path: Any) -> list[str]:
+        if Path(path) == journal.directory:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refused)
+    with caplog.at_level(logging.ERROR, "polyv_sms.ledger.journal"):
+        assert JournalReplayer(journal, ledger).replay_once() == 1
+        assert journal.replay(ledger) == 0
+    assert state(ledger, "locked", N1) == "accepted"
+    assert caplog.text.count("cannot be read (") == 1  # said once, not every second
+    ledger.clock = lambda: time.time() + 3600
+    swept = Reconciler(ledger, lambda *a: None, interval_s=5, journal=journal).sweep()
+    assert swept == ["overdue"]
+
+
+def test_the_entries_gauge_of_one_account_is_not_overwritten_by_another_accounts(
+    tmp_path: Path, ledger: Ledger, account, clock
+) -> None:
+    """Each account's journal thread set the one gauge to its own count: with a second
+    account whose journal is empty, a scrape saw 0 about half the time while the first
+    account's answers waited - and ``polyv_sms_journal_entries > 0 for 5m`` never fired."""
+    from helpers import free_port
+    from prometheus_client import REGISTRY
+
+    stuck = Journal(tmp_path, "appStuck")
+    stuck.keep(answer(stuck, ledger, "stuck", N1, "s-stuck^0"))
+    unreachable = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    down = make(unreachable, account, "http://127.0.0.1:9", clock).ledger
+    down.outage_s = 0.1
+    mine = JournalReplayer(stuck, down, account="shop-stuck")
+    other = JournalReplayer(Journal(tmp_path, "appQuiet"), ledger, account="shop-quiet")
+    try:
+        for _ in range(2):
+            assert mine.replay_once() == 0
+            assert other.replay_once() == 0  # (the other account's thread looks next)
+            values = {
+                sample.labels.get("account"): sample.value
+                for metric in REGISTRY.collect()
+                if metric.name == "polyv_sms_journal_entries"
+                for sample in metric.samples
+            }
+            assert values.get("shop-stuck") == 1
+            assert values.get("shop-quiet") == 0
+    finally:
+        unreachable.close()
+    assert mine.replay_once() == 0  # (still down)
+    mine.ledger = ledger
+    assert mine.replay_once() == 1
+    assert REGISTRY.get_sample_value("polyv_sms_journal_entries", {"account": "shop-stuck"}) == 0
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_inspecting_the_journal_prints_any_text_its_entries_hold(
+    tmp_path: Path, ledger: Ledger, encoding: str
+) -> None:
+    """An entry holding Polyv's text with a lone surrogate (or any non-ASCII text, on a
+    terminal that is not UTF-8) made the command die with UnicodeEncodeError, printing none
+    of the entries after it."""
+    journal = Journal(tmp_path, "appText")
+    for message_id, error in (("cut", "bad sign \ud83d"), ("chinese", "签名错误"), ("plain", "x")):
+        journal.record(
+            message_id,
+            [Settlement(N1, "fail", None, None, error, 1)],
+            days={},
+            token="t",
+            retry_at=0,
+            now=time.time(),
+        )
+    done = subprocess.run(
+        [sys.executable, "-m", "polyv_sms.ledger.journal", str(tmp_path)],
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONIOENCODING": encoding},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.decode(encoding).splitlines()]
+    errors = {line["entry"]["message_id"]: line["entry"]["items"][0][4] for line in lines}
+    assert errors == {"cut": "bad sign \ud83d", "chinese": "签名错误", "plain": "x"}
+
+
+def test_a_segment_cut_short_gives_up_only_the_entries_it_cut(
+    tmp_path: Path, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment file cut short of a whole slot (a copy or a restore that stopped early,
+    a filesystem repair) was set aside whole as ``.bad``: the whole entries in it never
+    reached the ledger, and after the lease their numbers were sent again. Now only an entry
+    the cut reaches is set aside (a file too short to hold a slot still is, whole)."""
+    dead, alive = Journal(tmp_path, "appCut"), Journal(tmp_path, "appCut")
+    first = answer(dead, ledger, "cut-1", N1, "s-cut1^0")
+    answer(dead, ledger, "cut-2", N2, "s-cut2^0")
+    numbers = [f"1390002{i:04d}" for i in range(120)]
+    reserved = ledger.reserve("cut-3", numbers, token="run-cut-3")
+    last = dead.record(
+        "cut-3",
+        [Settlement(n, "accepted", 12, f"s-{n}^0", "e" * 40, 1) for n in numbers],
+        days={s.number: s.day for s in reserved.states},
+        token="run-cut-3",
+        retry_at=0,
+        now=time.time(),
+    )
+    assert last is not None
+    assert last.slots > 1
+    assert last.segment == first.segment
+    dead.close()
+    with open(first.segment, "r+b") as handle:  # cut inside the last entry's second slot
+        handle.truncate((last.slot + 1) * SLOT_SIZE + 100)
+    (tmp_path / "appCut" / "0-000000000000.seg").write_bytes(b"")  # and an empty one
+    with caplog.at_level(logging.ERROR, "polyv_sms.ledger.journal"):
+        assert alive.replay(ledger) == 2
+    assert state(ledger, "cut-1", N1) == "accepted"
+    assert state(ledger, "cut-2", N2) == "accepted"
+    assert state(ledger, "cut-3", numbers[0]) == "reserved"  # cut: set aside, not replayed
+    assert not first.segment.exists()
+    bad = sorted(p.name for p in alive.directory.glob("*.bad"))
+    assert bad == ["0-000000000000.bad", f"{first.segment.stem}-{last.slot}.bad"]
+    assert b"cut-3" in (alive.directory / bad[1]).read_bytes()

@@ -45,14 +45,17 @@ non-final action applies only while the number is still at the attempt the answe
 - by the next run of the same message in this process, before it reserves anything
   (:meth:`Journal.replay` with a message id: a dictionary lookup, no syscall, on the happy
   path), so a number whose answer is here is never sent again from here;
-- by every worker's replayer thread (:class:`JournalReplayer`), every second, and by the
-  reconciler before each sweep (:meth:`Journal.replay` without a message id). A pass first
-  tries ``flock(LOCK_EX | LOCK_NB)`` on every other segment of the directory. Got it: the
-  segment's process is dead (the kernel dropped its lock), so this process takes the segment
-  over and keeps it locked - reads its open entries (one whose magic, bounds or CRC do not
-  check out is set aside as ``.bad`` and logged) and indexes them in memory with its own
-  entries left by failed settles (its runs of those messages find them by the same lookup).
-  Not got: the segment's process is alive, and replays its own. The pass then settles every
+- by every worker process's replayer thread (:class:`JournalReplayer`; a child of Celery's
+  prefork pool starts its own, :func:`polyv_sms.background.start_in_pool_child`), every
+  second, and by the reconciler before each sweep (:meth:`Journal.replay` without a message
+  id). A pass first tries ``flock(LOCK_EX | LOCK_NB)`` on every other segment of the
+  directory. Got it: the segment's process is dead (the kernel dropped its lock), so this
+  process takes the segment over and keeps it locked - reads its open entries (one whose
+  magic, bounds or CRC do not check out is set aside as ``.bad`` and logged; a file cut short
+  of a whole slot keeps its whole slots, so only an entry the cut reaches fails its bounds)
+  and indexes them in memory with its own entries left by failed settles (its runs of those
+  messages find them by the same lookup). Not got: the segment's process is alive, and
+  replays its own. The pass then settles every
   entry indexed, oldest first, marks each done in its file, and removes a taken-over file when
   none is left in it. So two live processes never replay each other's entries, and a dead
   process's entries are taken over by one live process at a time (if that one dies too, the
@@ -76,15 +79,21 @@ parent keeps its lock) and the child opens a segment of its own at its first ent
 
 An entry that cannot be read, or that the settle script itself refuses, is copied to a
 ``.bad`` file (mode 0600, the entry's JSON) in the account's directory for an operator, and
-marked done. Entry files of the old layout (``*.json``, one per entry) found in the directory
-are moved into this process's segment and replayed.
+marked done. One the ledger refuses for a reason of its own (``LedgerBroken``), or whose
+settle raises anything else, stays; either way the other entries are still replayed. A
+directory that cannot be listed is logged once: this process's own entries are still
+replayed (and the reconciler, which replays first, still sweeps). Entry files of the old
+layout (``*.json``, one per entry) found in the directory are moved into this process's
+segment and replayed.
 
 The honest limit: the journal lives on one host. If that host is lost for good while it holds
 an answer the ledger has not taken, the answer is lost, and after the lease and its takeover
 grace another run sends those numbers again.
 
 ``python -m polyv_sms.ledger.journal DIRECTORY...`` prints the open entries found under the
-directories, one JSON object a line (an operator's look; it takes no lock and changes nothing).
+directories, one JSON object a line (an operator's look; it takes no lock and changes nothing;
+a line whose text the output cannot take - a lone surrogate, a terminal that is not UTF-8 - has
+its non-ASCII characters escaped).
 """
 
 from __future__ import annotations
@@ -751,8 +760,8 @@ class Journal:
 
         Raises:
             LedgerUnavailable: the ledger could not be reached; the entries stay.
-            LedgerBroken: an entry stays because the ledger refused it; raised after every
-                other entry was tried.
+            LedgerBroken: an entry stays because the ledger refused it, or its settle raised
+                anything else; raised after every other entry was tried.
         """
         if message_id is None:
             self._adopt()
@@ -771,6 +780,20 @@ class Journal:
                 continue
             try:
                 outcome = self._replay_one(ledger, handle)
+            except LedgerUnavailable:
+                raise
+            except Exception as exc:
+                # Anything else the settle of this one entry raised (an argument the client
+                # cannot send, say): it stays, like an entry the ledger refuses, and the
+                # next ones are tried - it must not hold up every later answer and every
+                # sweep of the account's reconciler (which replays first).
+                log.error(
+                    "journal entry %r could not be settled (%s: %s); kept, trying the next ones",
+                    handle,
+                    type(exc).__name__,
+                    exc,
+                )
+                outcome = LedgerBroken(f"journal entry of {handle.key!r}: {type(exc).__name__}")
             finally:
                 with self._changed:
                     handle.busy = False
@@ -869,7 +892,12 @@ class Journal:
         try:
             try:
                 names = os.listdir(self.directory)
-            except FileNotFoundError:
+            except OSError as exc:
+                # (Unreadable - permissions, an I/O error: this process's own entries are
+                # still replayed, and the reconciler, which replays first, still sweeps.)
+                if not isinstance(exc, FileNotFoundError):
+                    where = self.directory
+                    self._complain(where, "journal directory %s cannot be read (%s)", where, exc)
                 names = []
             with self._lock:
                 mine = {s.path.name for s in self._segments} | set(self._adopted)
@@ -916,7 +944,9 @@ class Journal:
                 os.close(fd)  # taken over and removed meanwhile
                 return
             size = status.st_size
-            if size < SLOT_SIZE or size % SLOT_SIZE:
+            # A file cut short of a whole slot (a copy or a restore that stopped early) keeps
+            # its whole slots: an entry the cut reaches fails its bounds and is set aside.
+            if size < SLOT_SIZE:
                 bad = path.with_suffix(".bad")
                 os.rename(path, bad)
                 os.close(fd)
@@ -1222,14 +1252,23 @@ class JournalReplayer:
         journal: the journal.
         ledger: the ledger its entries go to.
         interval_s: seconds between looks.
+        account: the account's name: the ``account`` label of the entries gauge
+            (``polyv_sms_journal_entries``), one series per account (one gauge for all was
+            set by each account's thread in turn: a scrape saw whichever looked last).
     """
 
     def __init__(
-        self, journal: Journal, ledger: Ledger, *, interval_s: float = DEFAULT_REPLAY_INTERVAL_S
+        self,
+        journal: Journal,
+        ledger: Ledger,
+        *,
+        interval_s: float = DEFAULT_REPLAY_INTERVAL_S,
+        account: str = "default",
     ) -> None:
         self.journal = journal
         self.ledger = ledger
         self.interval_s = interval_s
+        self._gauge = metrics.JOURNAL_PENDING.labels(account)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -1237,7 +1276,7 @@ class JournalReplayer:
         """One pass (dead processes' segments taken over first); an unreachable ledger is
         logged, and the entries wait for the next."""
         left = len(self.journal.entries())
-        metrics.JOURNAL_PENDING.set(left)
+        self._gauge.set(left)
         if not left:
             return 0
         try:
@@ -1248,7 +1287,7 @@ class JournalReplayer:
         except LedgerBroken:
             return 0  # (each entry it refused is logged; the others were replayed)
         finally:
-            metrics.JOURNAL_PENDING.set(len(self.journal.entries()))
+            self._gauge.set(len(self.journal.entries()))
 
     def start(self) -> None:
         """Replay now and then every ``interval_s`` until :meth:`stop`."""
@@ -1283,7 +1322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if found.problem:
                 line["problem"] = found.problem
             line["entry"] = found.entry
-            print(json.dumps(line, ensure_ascii=False))
+            try:
+                print(json.dumps(line, ensure_ascii=False))
+            except UnicodeEncodeError:
+                # Polyv's text with a lone surrogate, or an output that is not UTF-8: the
+                # same JSON with its non-ASCII characters escaped (encoded whole: nothing of
+                # the first attempt was written).
+                print(json.dumps(line))
     return 0
 
 

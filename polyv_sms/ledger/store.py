@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -72,6 +73,8 @@ __all__ = [
 log = logging.getLogger("polyv_sms.ledger")
 
 _T = TypeVar("_T")
+#: A UTF-16 surrogate on its own: not text Redis's client can encode.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 #: The helper files prepended to a script: ``_record.lua`` (a number's record) and
 #: ``_gcra.lua`` (the shared rate guard).
 _HELPERS = {"reserve": ("_record", "_gcra"), "settle": ("_record",), "ratelimit": ("_gcra",)}
@@ -429,7 +432,14 @@ class Ledger:
                 item.serial_no or "",
                 f"{item.action}|{status}|{quota}|{attempt}|{item.error}",
             ]
-        reply = self.call(self._settle, keys=keys, args=args, on_outage=on_outage)
+        try:
+            reply = self.call(self._settle, keys=keys, args=args, on_outage=on_outage)
+        except UnicodeEncodeError:
+            # Polyv's text is JSON: a desc or serialNo may carry a lone surrogate (an emoji
+            # cut in two), which Redis's client cannot encode as UTF-8. Nothing was sent (the
+            # command is encoded whole before it is written): again, each one replaced.
+            args = [_LONE_SURROGATE.sub("\ufffd", a) if isinstance(a, str) else a for a in args]
+            reply = self.call(self._settle, keys=keys, args=args, on_outage=on_outage)
         return int(reply[0]), parse_states((item.number for item in items), reply[1:])
 
     def requeue(self, message_id: str) -> list[str]:

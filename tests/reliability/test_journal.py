@@ -94,3 +94,45 @@ def test_a_worker_stopped_cleanly_leaves_no_journal_file(
     assert len(list((journal / account[0]).glob("*.seg"))) == 1  # its file, while it runs
     assert worker.stop() == 0  # warm shutdown (SIGTERM)
     assert list((journal / account[0]).iterdir()) == []
+
+
+def test_an_answer_kept_by_a_prefork_child_reaches_the_ledger_without_another_run(
+    make_redis, start_worker, producer, sim, account, tmp_path: Path
+) -> None:
+    """``celery worker -P prefork`` (the project runs threads; an operator may not): the
+    journal threads start with the worker's main process, and a pool child has none. An
+    answer a child kept (the ledger down past SMS_REDIS_OUTAGE) waited for that same child to
+    run the message again - no other process may replay a live process's entries - and a
+    retry that another child ran after the lease and its grace sent the number again."""
+    ledger_server = make_redis(appendonly=True)
+    journal = tmp_path / "journal"
+    # (-P prefork alone is not enough: Celery takes it for its default and keeps the
+    # configured pool, threads, unless a settings module of the operator's says prefork.)
+    (tmp_path / "prefork_settings.py").write_text('worker_pool = "prefork"\n')
+    worker = start_worker(
+        concurrency=2,
+        extra_args=("-P", "prefork"),
+        PYTHONPATH=tmp_path,
+        SMS_CELERY_CONFIG="prefork_settings",
+        POLYV_HTTP_TIMEOUT=4,
+        SMS_REDIS_URL=ledger_server.url(0),
+        SMS_REDIS_OUTAGE=1,
+        SMS_JOURNAL_DIR=journal,
+        SMS_RECONCILE_INTERVAL=0,  # (no sweep: only a journal thread may settle it)
+        SMS_RETRY_BACKOFF=60,  # (the task's retry comes long after the test looked)
+        SMS_RETRY_BACKOFF_MAX=120,
+    )
+    number = phone(770)
+    sim.set_faults(latency_s=2.0)
+    producer(worker.env["SMS_BROKER_URL"]).send([number], tag="prefork", message_id="prefork")
+    wait_for(sim.requests, 10, what="the request")
+    ledger_server.stop(kill=True)  # while Polyv processes it
+    wait_for(lambda: on_disk(journal), 10, what="the answer in the journal")
+    wait_for(lambda: log_lines(worker, "retrying in"), 10, what="the settle to give up")
+    ledger_server.start()
+    # A journal thread of the child settles it within a second or two, with no run of it.
+    wait_for(lambda: not on_disk(journal), 10, what="the kept answer to reach the ledger")
+    settings = Settings.from_env({"POLYV_APP_ID": account[0], "SMS_REDIS_URL": ledger_server.url()})
+    ledger = build_ledger(settings, connect_redis(ledger_server.url()))
+    assert ledger.peek("prefork", [number])[number].state == "accepted"
+    assert sim.received(number) == 1
