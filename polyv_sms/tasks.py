@@ -252,10 +252,11 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if outcome_reason in _WAIT_IN_PLACE:
             # Another run holds the message, and it may finish every number: then nothing in
             # the ledger would bring this task (and its caller's result) back. Or the rate
-            # guard put the run off before it reserved anything: then the ledger may not know
-            # the message at all (no stored request, no pending entry). Requeueing through a
-            # broker that refuses writes ends the worker (and its in-flight sends), so wait
-            # here instead: the holder's lease and takeover grace, or the pause, bound it.
+            # guard put the run off before it reserved anything: then only the pending entry
+            # the put-off left brings it back, after the wait, a lease and the reconciler's
+            # grace. Requeueing through a broker that refuses writes ends the worker (and its
+            # in-flight sends), so wait here instead: the holder's lease and takeover grace,
+            # or the pause, bound it.
             log.error(
                 "message %s: the retry could not be published (%s); waiting here (%s)",
                 key,
@@ -276,8 +277,8 @@ def send_sms(self: SendSmsTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
                 return waited
             if outcome_reason == "busy":
                 outcome_reason = "pending"  # (the request was stored before "busy")
-        # Put off by the rate guard, the run may have reserved nothing: the ledger may not
-        # know the message, like a run that could not reach the ledger.
+        # Put off by the rate guard, the run reserved nothing: its pending entry comes due
+        # only after a lease and the reconciler's grace; the broker's copy is sooner.
         known = outcome_reason not in ("ledger", "rate", "paused")
         log.error(
             "message %s: the retry could not be published (%s); %s",

@@ -18,6 +18,7 @@ import polyv_sms.ledger
 from polyv_sms.dispatch import Dispatcher
 from polyv_sms.ledger import Keys, Ledger, Reservation, Settlement, Slot
 from polyv_sms.ledger.ratelimit import RATE_LIMIT_PAUSE_S, RateGuard
+from polyv_sms.ledger.reconcile import Reconciler
 from polyv_sms.polyv.client import PolyvClient
 from polyv_sms.polyv.simulator import PolyvSimulator
 from polyv_sms.validation import SmsRequest, validate_request
@@ -119,7 +120,10 @@ def test_a_run_waiting_for_its_slot_reserves_nothing(ledger: Ledger, client: red
         assert (waiting.result, waiting.reason) == (None, "rate")
         assert 0.05 < waiting.retry_in <= 10.0
         keys = Keys(ledger.app_id)
-        assert not client.exists(keys.message("m-wait"))
+        # No number reserved, no unit, no lease: only the task's request, for the reconciler.
+        assert ledger.peek("m-wait", ["13700000901"]) == {}
+        assert ledger.lease_holder("m-wait") is None
+        assert set(client.hkeys(keys.message("m-wait"))) == {"content", "req:t"}
         assert client.hget(keys.quota(ledger.day()), "_total") is None
         assert sim.received() == 0
 
@@ -240,26 +244,42 @@ def test_a_reserve_the_guard_refuses_takes_no_unit_and_counts_no_attempt(
     tat = client.get(guard.rate_key)
     meta = {"task_id": "t2", "phone_numbers": [old, new], "template_param_names": ["code"],
             "template_param_values": ["1"]}  # fmt: skip
+    stored = {"req:t2", "content"}
     refused = ledger.reserve("m-fold", [old, new], token="t2", meta=meta, rate=guard.limit())
     assert refused.slot is not None
     assert (refused.slot.granted, refused.slot.paused) == (False, False)
     assert 0.05 < refused.slot.wait_s <= 0.1
     assert (refused.states, refused.busy_for_s, refused.conflict) == ((), None, False)
-    # Nothing at all was written: no unit for `new`, no second attempt for `old`, no lease,
-    # not even the task's request; and no slot was booked.
-    assert client.hgetall(keys.message("m-fold")) == record_before
+    # No unit for `new`, no second attempt for `old`, no lease, no slot booked: only the
+    # task's request, and the message kept in `pending` (due after the retry, a lease and the
+    # grace), for the reconciler should the put-off run's retry be lost.
+    record = client.hgetall(keys.message("m-fold"))
+    assert {k: v for k, v in record.items() if k not in stored} == record_before
+    assert set(record) - set(record_before) == stored
     assert client.hgetall(keys.quota(ledger.day())) == quota_before
-    assert client.zrange(keys.pending, 0, -1, withscores=True) == pending_before
+    due = client.zscore(keys.pending, "m-fold")
+    assert due is not None
+    assert due >= ledger.clock() * 1000 + (ledger.lease_s + ledger.reconcile_grace_s) * 1000
+    assert [m for m, _ in pending_before] == ["m-fold"]
     assert client.get(guard.rate_key) == tat
+    # Polling again for the slot writes nothing: the entry is far enough off.
+    written = client.info("persistence")["rdb_changes_since_last_save"]
+    again = ledger.reserve("m-fold", [old, new], token="t2b", meta=meta, rate=guard.limit())
+    assert again.slot is not None
+    assert not again.slot.granted
+    assert client.info("persistence")["rdb_changes_since_last_save"] == written
+    assert client.zscore(keys.pending, "m-fold") == due
 
     guard.pause(60)
     paused = ledger.reserve("m-fold", [old, new], token="t3", meta=meta, rate=guard.limit())
     assert paused.slot is not None
     assert (paused.slot.granted, paused.slot.paused) == (False, True)
     assert 55 < paused.slot.wait_s <= 60
-    assert client.hgetall(keys.message("m-fold")) == record_before
+    assert client.hgetall(keys.message("m-fold")) == record
     assert client.hgetall(keys.quota(ledger.day())) == quota_before
     assert client.get(guard.rate_key) == tat
+    # Its retry comes after the pause (60 s): the reconciler's entry moves past that.
+    assert client.zscore(keys.pending, "m-fold") >= due + 55_000
 
     guard.clear()
     client.delete(guard.rate_key)
@@ -476,3 +496,106 @@ def test_a_message_costs_two_ledger_round_trips_with_the_guard(tmp_path: Path) -
             polyv.close()
     finally:
         server.stop()
+
+
+# --- a put-off run whose retry is lost --------------------------------------------------------
+
+
+def _clocked_ledger(client: redis.Redis, now: list[float]) -> Ledger:
+    return Ledger(
+        client, f"app{uuid.uuid4().hex[:10]}", phone_daily_limit=10, account_daily_limit=2000,
+        max_attempts=3, receipt_ttl_days=30, timezone="Asia/Shanghai", lease_s=30.0,
+        reconcile_grace_s=60.0, clock=lambda: now[0],
+    )  # fmt: skip
+
+
+def _revive_and_finish(
+    ledger: Ledger, dispatcher: Dispatcher, now: list[float], wait_s: float, message_id: str
+) -> dict[str, object]:
+    """Sweep like the reconciler: nothing while the put-off run's own retry may still come,
+    the stored request once it is overdue; then run what was enqueued to its end."""
+    enqueued: list[tuple[str, str, dict[str, object]]] = []
+    reconciler = Reconciler(ledger, lambda *a: enqueued.append(a), interval_s=5)
+    now[0] += wait_s + 1
+    assert reconciler.sweep() == []  # its own retry is due first
+    now[0] += ledger.lease_s + ledger.reconcile_grace_s
+    assert reconciler.sweep() == [message_id]
+    [(revived_id, task_id, kwargs)] = enqueued
+    assert (revived_id, task_id) == (message_id, "t-lost")
+    request = validate_request((), kwargs, account_daily_limit=2000)
+    done = dispatcher.run(request, message_id=message_id, task_id=task_id)
+    assert done.result is not None
+    assert reconciler.sweep() == []
+    assert not ledger.redis.zscore(ledger.keys.pending, message_id)
+    return done.result
+
+
+@pytest.mark.parametrize("why", ["rate", "paused"])
+def test_a_run_put_off_whose_retry_is_lost_is_enqueued_again_by_the_reconciler(
+    client: redis.Redis, why: str
+) -> None:
+    """A run the guard puts off has reserved nothing, and its retry is only a broker message:
+    a worker that loses its broker connection, or is killed, drops the countdown retries it
+    holds. The reconciler must still bring the message back, as it does a message waiting for a
+    status-11 retry; it used to find nothing (the ledger did not know the message), so every
+    message put off at a broker drop (all of them during Polyv's 5-minute block) waited for the
+    broker's visibility timeout, an hour."""
+    now = [1_800_000_000.0]
+    ledger = _clocked_ledger(client, now)
+    secret = "s" * 16
+    number = "13700000931"
+    with PolyvSimulator(ledger.app_id, secret) as sim:
+        guard = RateGuard(ledger, 10, max_wait_s=0.01)
+        polyv = PolyvClient(ledger.app_id, secret, sim.url, timeout=2.0)
+        dispatcher = _dispatcher(ledger, polyv, guard)
+        if why == "rate":
+            guard.try_acquire()
+            guard.try_acquire()  # the burst is used up: the next slot is 100 ms off
+        else:
+            guard.pause(60)
+        put_off = dispatcher.run(_request(number), message_id="m-lost", task_id="t-lost")
+        assert (put_off.result, put_off.reason) == (None, why)
+        # Still nothing reserved: no number record, no unit, no lease.
+        assert ledger.peek("m-lost", [number]) == {}
+        assert client.hget(Keys(ledger.app_id).quota(ledger.day()), "_total") is None
+        assert ledger.lease_holder("m-lost") is None
+
+        # Its retry never runs. The pause ends (or the slot comes); the reconciler steps in.
+        guard.clear()
+        client.delete(guard.rate_key)
+        result = _revive_and_finish(ledger, dispatcher, now, 60 if why == "paused" else 1, "m-lost")
+        assert result["results"][0]["outcome"] == "accepted"  # type: ignore[index]
+        assert result["results"][0]["attempts"] == 1  # type: ignore[index]
+        assert sim.received(number) == 1
+        polyv.close()
+
+
+def test_a_later_chunk_put_off_whose_retry_is_lost_is_enqueued_again(client: redis.Redis) -> None:
+    """The first 200 numbers went out and all were accepted (the message left the pending
+    set); the guard put the next chunk off. Its numbers were never reserved, so nothing but
+    the lost retry knew they were still to be sent."""
+    now = [1_800_000_000.0]
+    ledger = _clocked_ledger(client, now)
+    secret = "s" * 16
+    numbers = [f"1370001{i:04d}" for i in range(250)]
+    with PolyvSimulator(ledger.app_id, secret) as sim:
+        guard = RateGuard(ledger, 10, max_wait_s=0.01)
+        polyv = PolyvClient(ledger.app_id, secret, sim.url, timeout=2.0)
+        dispatcher = _dispatcher(ledger, polyv, guard)
+        guard.try_acquire()  # one slot of the burst left: the first chunk's
+        request = validate_request((), {
+            "phone_numbers": numbers,
+            "template_param_names": ["code"],
+            "template_param_values": ["1"],
+        }, account_daily_limit=2000)  # fmt: skip
+        put_off = dispatcher.run(request, message_id="m-chunks", task_id="t-lost")
+        assert (put_off.result, put_off.reason) == (None, "rate")
+        assert len(sim.requests()) == 1
+        assert len(ledger.peek("m-chunks", numbers)) == 200
+
+        client.delete(guard.rate_key)
+        result = _revive_and_finish(ledger, dispatcher, now, 1, "m-chunks")
+        assert result["counts"]["accepted"] == 250  # type: ignore[index]
+        assert len(sim.requests()) == 2
+        assert all(sim.received(n) == 1 for n in numbers)
+        polyv.close()

@@ -1,11 +1,14 @@
 """The reconciler: re-enqueue messages whose retry never ran.
 
 A message with numbers still ``reserved`` sits in the ledger's ``pending`` set, scored by the
-time its retry is due plus a grace period. Normally the retry (a broker message published by
+time its retry is due plus a grace period; so does a message whose run the rate guard put off
+before it reserved anything (its numbers have no record yet; ``lua/reserve.lua`` keeps the
+task's request and the entry). Normally the retry (a broker message published by
 ``self.retry``) runs first and moves or removes the entry. When it cannot - Celery drops a
-task whose retry could not be published while the broker was down, or a worker holding the
-retry was killed - the entry becomes overdue and the reconciler publishes the message again,
-with the same task id and message id. The ledger makes a second copy harmless: accepted numbers
+task whose retry could not be published while the broker was down, a worker that loses its
+broker connection drops the countdown retries it holds, or a worker holding the retry was
+killed - the entry becomes overdue and the reconciler publishes the message again, with the
+same task id and message id. The ledger makes a second copy harmless: accepted numbers
 are never sent again and a lease keeps two runs from sending the same numbers at once.
 
 Every worker runs a reconciler thread (``SMS_RECONCILE_INTERVAL``; 0 turns it off); a Redis lock
@@ -124,14 +127,15 @@ class Reconciler:
         return enqueued
 
     def _revive(self, message_id: str, now: float) -> bool:
-        """Enqueue again the requests of an overdue message that still have pending numbers.
+        """Enqueue again the requests of an overdue message that still have pending numbers
+        (reserved, or never reserved: a run the rate guard put off).
 
         Returns:
             True when something was enqueued.
         """
         ledger, keys = self.ledger, self.ledger.keys
         record = cast(dict[str, str], ledger.call(ledger.redis.hgetall, keys.message(message_id)))
-        if not int(record.get("pending") or 0):
+        if not int(record.get("pending") or 0) and not _put_off(record):
             ledger.call(ledger.redis.zrem, keys.pending, message_id)
             return False
         lease_until = int(record.get("lease_until") or 0)
@@ -146,11 +150,12 @@ class Reconciler:
             if field.startswith("n:") and value.startswith("reserved|")
         }
         # Each task that enqueued this message id gets its own request back (with its own
-        # task id, so that its caller's AsyncResult.get() returns), if it has pending numbers.
+        # task id, so that its caller's AsyncResult.get() returns), if it has pending numbers
+        # (reserved, or none of its runs got as far as reserving them).
         revived = False
         for request in stored_requests(record):
-            numbers = {check_phone(raw).number for raw in request["phone_numbers"]}
-            if not numbers & pending:
+            numbers = _valid(request)
+            if not numbers & pending and not _unreserved(record, numbers):
                 continue
             kwargs = {
                 "phone_numbers": request["phone_numbers"],
@@ -190,3 +195,20 @@ class Reconciler:
                 self.sweep()
             except Exception:
                 log.exception("reconciler sweep failed; trying again in %.0fs", self.interval_s)
+
+
+def _valid(request: dict[str, Any]) -> set[str]:
+    """The valid numbers of a stored request, normalised as the ledger keys them."""
+    checked = (check_phone(raw).number for raw in request["phone_numbers"])
+    return {number for number in checked if number is not None}
+
+
+def _unreserved(record: dict[str, str], numbers: set[str]) -> set[str]:
+    """Numbers the message's runs never reserved: the rate guard put the run off first."""
+    return {number for number in numbers if f"n:{number}" not in record}
+
+
+def _put_off(record: dict[str, str]) -> bool:
+    """A stored request has numbers no run reserved yet (see ``lua/reserve.lua``: a run the
+    rate guard puts off leaves its request and a pending entry, nothing else)."""
+    return any(_unreserved(record, _valid(request)) for request in stored_requests(record))

@@ -10,8 +10,10 @@ Redis Cluster slot::
     polyv_sms:{appId}:phones:<YYYYMMDD>  hash: the day's receipts by number, number -> JSON
                                          array of serialNos in the order accepted
     polyv_sms:{appId}:dead               zset: message ids with numbers that ended failed
-    polyv_sms:{appId}:pending            zset: message ids with numbers still reserved, scored
-                                         by when the reconciler may re-enqueue them
+    polyv_sms:{appId}:pending            zset: message ids with numbers still reserved (or a
+                                         run put off by the rate guard before it reserved
+                                         any), scored by when the reconciler may re-enqueue
+                                         them
     polyv_sms:{appId}:rate, :paused      the shared rate guard (see ``ratelimit.py``)
 
 ``reserve`` and ``settle`` are one Lua script each, one round trip per Polyv request;

@@ -21,11 +21,12 @@ pytestmark = pytest.mark.slow
 def test_a_run_told_to_wait_for_the_rate_guard_whose_retry_cannot_be_published_is_not_lost(
     make_redis, producer, start_worker, sim, account, redis_server
 ) -> None:
-    """The rate guard answers before ``reserve``: a run put off by it (the shared pause, or
-    no slot near enough) has left nothing in the ledger - no stored request, no pending
-    entry. If its retry then cannot be published, ending the task with ``Ignore`` (right for
-    a message the ledger knows: the reconciler brings it back) dropped it for good: never
-    sent, no result, not in the broker."""
+    """The rate guard answers before ``reserve`` writes: a run put off by it (the shared
+    pause, or no slot near enough) has reserved nothing. It used to leave nothing in the ledger
+    at all - no stored request, no pending entry - and if its retry then could not be
+    published, ending the task with ``Ignore`` (right for a message the ledger knows: the
+    reconciler brings it back) dropped it for good: never sent, no result, not in the broker.
+    (It now leaves its request and a pending entry; the task still waits in place.)"""
     broker_server = make_redis(appendonly=False)
     broker = broker_server.client(0)
     results = Results(redis_server.client(1))

@@ -13,13 +13,18 @@ call's slot (booked at most ARGV[22] after that call) has come.
 The rate guard (with KEYS[4] and KEYS[5]; _gcra.lua is prepended) is consulted once the
 verdicts are known and before anything of them is written, only when a number would be sent:
 paused, or no slot within ARGV[22], and the call returns with nothing reserved (no unit taken,
-no attempt counted, no lease, not even the request stored: only a takeover's lease_stale note
-may be written, as for "busy"); a reserve that sends nothing books no slot and is never put
-off. The content check and the lease (busy) come first, as without the guard.
+no attempt counted, no lease, no number's record). It writes only what lets the reconciler
+bring the message back should the put-off run's retry be lost (a broker message a worker drops
+when its broker connection drops or it dies): the task's request and the message's pending
+entry, due after the wait, a lease and the reconciler's grace (and a takeover's lease_stale
+note, as for "busy"); a run polling for its slot usually finds both there and writes nothing.
+A reserve that sends nothing books no slot and is never put off. The content check and the
+lease (busy) come first, as without the guard.
 
 KEYS[1]  polyv_sms:{appId}:msg:<message_id>   hash, the message record
 KEYS[2]  polyv_sms:{appId}:quota:<YYYYMMDD>   hash, per-number counts + field "_total"
 KEYS[3]  polyv_sms:{appId}:pending            zset, message ids with numbers still reserved
+                                              (or put off by the rate guard before any was)
 KEYS[4]  polyv_sms:{appId}:rate               string, the rate guard's TAT (see _gcra.lua)
 KEYS[5]  polyv_sms:{appId}:paused             string, set while Polyv blocks us
          (KEYS[4] and KEYS[5] are given together, or both left out: no guard)
@@ -71,7 +76,7 @@ Message record fields:
 Returns {"conflict"} when the message id was used with another content (nothing is written),
 {"busy", ms_left} when another run holds the lease (the request is recorded first),
 {"paused", ms_left} when Polyv blocks us, {"rate", wait_ms} when the next slot is further than
-ARGV[22] (both: nothing reserved, see above), else
+ARGV[22] (both: nothing reserved; the request kept for the reconciler, see above), else
 {"ok", pending, slot, then one string per number, in the order asked:
 "verdict|day|attempts|status|serial|updated|error"} (the number's n:<number> field as it now
 is, with the verdict in place of the state) where slot is the wait (ms) before sending, until
@@ -254,11 +259,39 @@ for i = FIRST + n, FIRST - 1 + n + 2 * m, 2 do
   end
 end
 
--- ---- the rate guard: only for a request that will be sent; nothing is written before it ----
+-- ---- the rate guard: only for a request that will be sent; no verdict is written before it --
+-- A run it puts off reserves nothing, and its retry is only a broker message (which a worker
+-- that loses its broker connection, or dies, drops). So that the reconciler can enqueue the
+-- message again if that retry never runs, the task's request is stored and the message is in
+-- the pending set, due after the retry (at most `wait` ms away), a lease and the reconciler's
+-- grace (ARGV[10] - ARGV[19] = lease + grace). Written on the first put-off and again only when
+-- the entry would come due before the retry plus the grace: a run polling for its slot
+-- usually writes nothing.
+local function keep_put_off(wait)
+  local wrote = false
+  if ARGV[16] ~= '' and not head[4] then
+    redis.call('HSET', msg, 'content', ARGV[16])
+    wrote = true
+  end
+  if ARGV[12] ~= '' and redis.call('HSETNX', msg, ARGV[12], ARGV[13]) == 1 then
+    wrote = true
+  end
+  local due = tonumber(ARGV[10]) + wait
+  local score = tonumber(redis.call('ZSCORE', pending_set, ARGV[11]) or '0')
+  if score < due - tonumber(ARGV[9]) then
+    redis.call('ZADD', pending_set, due, ARGV[11])
+    wrote = true
+  end
+  if wrote then redis.call('EXPIRE', msg, ARGV[4]) end
+end
+
 if guarded and sends > 0 then
   if not replayed then
     local paused = gcra_paused(KEYS[5])
-    if paused then return {'paused', tostring(paused)} end
+    if paused then
+      keep_put_off(paused)
+      return {'paused', tostring(paused)}
+    end
   end
   local wait, book = gcra_next(KEYS[4], tonumber(ARGV[20]), tonumber(ARGV[21]))
   local max_wait = tonumber(ARGV[22])
@@ -267,6 +300,7 @@ if guarded and sends > 0 then
   elseif replayed then
     wait = max_wait  -- the first call's slot (see the top)
   else
+    keep_put_off(wait)
     return {'rate', tostring(wait)}
   end
   out[3] = tostring(wait)

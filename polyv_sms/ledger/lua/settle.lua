@@ -14,6 +14,7 @@ below zero; an expired day is not recreated.
 
 KEYS[1]  polyv_sms:{appId}:msg:<message_id>        hash, the message record (see reserve.lua)
 KEYS[2]  polyv_sms:{appId}:pending                 zset, message ids with numbers still reserved
+                                                   (see reserve.lua: or put off by the guard)
 KEYS[3]  polyv_sms:{appId}:dead                    zset, message ids with numbers that ended failed
 KEYS[4]  polyv_sms:{appId}:receipts:<YYYYMMDD>     hash, the day's receipts:
          serialNo -> "number|message id|accepted at (ms)|attempt|day of the quota unit"
