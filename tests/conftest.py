@@ -14,13 +14,15 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import RedisServer, WorkerProcess, empty_broker
+from helpers import TZ, Clock, RedisServer, WorkerProcess, empty_broker
 
 from polyv_sms.polyv.simulator import PolyvSimulator
 
@@ -55,6 +57,22 @@ def redis_server() -> RedisServer:
     """The session's private redis-server (db 0 broker, db 1 results, db 2 ledger)."""
     assert _session_redis is not None
     return _session_redis
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock the test moves by hand, starting now (modules with another clock define their
+    own ``clock``)."""
+    return Clock(datetime.now(TZ).timestamp())
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the session's redis-server, database 2 (the ledger tests'); modules whose
+    ``client`` is something else define their own."""
+    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
+    yield real
+    real.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import redis
 
@@ -392,3 +393,17 @@ def self_signed_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context, cert
+
+
+#: The default SMS_TIMEZONE: quota days turn at its midnight.
+TZ = ZoneInfo("Asia/Shanghai")
+
+
+class Clock:
+    """A clock the test sets (``clock.now = ...``); called, it says the time."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

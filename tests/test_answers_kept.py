@@ -49,18 +49,6 @@ def on_disk(directory: Path) -> list[Any]:
     return read(directory)
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(datetime.now(TZ).timestamp())
-
-
-@pytest.fixture
-def client(redis_server) -> Any:
-    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
-    yield real
-    real.close()
-
-
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the paths this process fsyncs, and the journal pages it flushes to disk
     (``msync``: ``"<segment file>@<offset>+<size>"``), from now on."""

@@ -5,14 +5,12 @@ answers we cannot interpret, and the reconciler."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 import redis
-from helpers import CannedServer
+from helpers import TZ, CannedServer, Clock
 
 from polyv_sms.dispatch import Dispatcher
 from polyv_sms.errors import InvalidRequest
@@ -21,28 +19,6 @@ from polyv_sms.ledger.reconcile import Reconciler
 from polyv_sms.polyv.client import PolyvClient
 from polyv_sms.polyv.simulator import PolyvSimulator
 from polyv_sms.validation import validate_request
-
-TZ = ZoneInfo("Asia/Shanghai")
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(datetime.now(TZ).timestamp())
-
-
-@pytest.fixture
-def client(redis_server) -> Iterator[redis.Redis]:
-    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
-    yield real
-    real.close()
 
 
 def make(

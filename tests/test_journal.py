@@ -18,14 +18,13 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from helpers import CannedServer
-from test_dispatch import TZ, Clock, make
+from test_dispatch import make
 
 from polyv_sms.ledger import Ledger, Settlement
 from polyv_sms.ledger.journal import (
@@ -39,18 +38,6 @@ from polyv_sms.ledger.journal import (
 
 N1, N2, N3 = "13900003001", "13900003002", "13900003003"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(datetime.now(TZ).timestamp())
-
-
-@pytest.fixture
-def client(redis_server) -> Any:
-    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
-    yield real
-    real.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ from polyv_sms.ledger.reconcile import Reconciler
 from polyv_sms.polyv.client import PolyvClient
 from polyv_sms.polyv.simulator import PolyvSimulator
 from polyv_sms.validation import SmsRequest, validate_request
-
-
-@pytest.fixture
-def client(redis_server) -> Iterator[redis.Redis]:
-    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
-    yield real
-    real.close()
 
 
 def ledger_for(client: redis.Redis, app_id: str) -> Ledger:

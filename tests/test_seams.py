@@ -5,13 +5,12 @@ written to break the merged whole; real redis-server, the simulator over real HT
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from test_dispatch import TZ, Clock, make, request
+from test_dispatch import make, request
 
 from polyv_sms.errors import LedgerBroken
 from polyv_sms.ledger import Settlement
@@ -20,18 +19,6 @@ from polyv_sms.ledger.reconcile import Reconciler
 from polyv_sms.polyv.simulator import PolyvSimulator
 
 N1, N2, N3 = "13900002001", "13900002002", "13900002003"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(datetime.now(TZ).timestamp())
-
-
-@pytest.fixture
-def client(redis_server) -> Any:
-    real = redis.Redis.from_url(redis_server.url(2), decode_responses=True)
-    yield real
-    real.close()
 
 
 def _meta(numbers: list[str]) -> dict[str, Any]:
