@@ -100,33 +100,50 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
-import fcntl
-import hashlib
 import itertools
-import json
 import logging
-import mmap
 import os
-import re
-import secrets
-import struct
-import sys
 import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from polyv_sms import metrics
-from polyv_sms.errors import LedgerBroken, LedgerUnavailable
+from polyv_sms.ledger.journal.inspect import DiskEntry, _read_directory, on_disk
+from polyv_sms.ledger.journal.replayer import (
+    DEFAULT_REPLAY_INTERVAL_S,
+    JournalReplayer,
+    _age,
+    _Replays,
+)
+from polyv_sms.ledger.journal.segment import (
+    _CRC,
+    _CRC_AT,
+    _DONE,
+    _GONE,
+    _HEADER,
+    _IN_FLIGHT,
+    _LEFT,
+    _MAGIC,
+    _META,
+    _META_AT,
+    _OPEN,
+    _SAFE_NAME,
+    _STATE,
+    _VERSION,
+    DEFAULT_SEGMENT_SLOTS,
+    SLOT_SIZE,
+    JournalEntry,
+    _claim,
+    _create_segment,
+    _encode,
+    _key,
+    _Segment,
+)
+from polyv_sms.ledger.journal.takeover import _Takeover
 from polyv_sms.ledger.records import Settlement
-from polyv_sms.ledger.store import Ledger
 
 __all__ = [
     "DEFAULT_REPLAY_INTERVAL_S",
@@ -140,57 +157,8 @@ __all__ = [
     "stranded",
 ]
 
+
 log = logging.getLogger("polyv_sms.ledger.journal")
-
-#: How often a worker's replayer looks for answers the ledger has not taken.
-DEFAULT_REPLAY_INTERVAL_S = 1.0
-#: An entry takes whole slots, each starting on a page of its own (x86/arm64 4 KiB pages):
-#: flushing one entry flushes only its pages.
-SLOT_SIZE = 4096
-#: Slots per segment: 1 MiB. A one-number entry takes one slot; 200 numbers take about 8.
-DEFAULT_SEGMENT_SLOTS = 256
-SEGMENT_SUFFIX = ".seg"
-_VERSION = 1
-#: 0xFF never occurs in UTF-8, so no byte of an entry's JSON can look like a header.
-_MAGIC = b"\xffPSJ"
-#: The state byte (offset 4). JSON escapes control characters: 0x01/0x02 never occur in it.
-_FREE, _OPEN, _DONE = 0, 1, 2
-_STATE = 4
-#: version, slots, length, sequence, time written (offset 5), then the CRC (offset 33).
-_META = struct.Struct("<B3xIIQd")
-_CRC = struct.Struct("<I")
-_META_AT = 5
-_CRC_AT = _META_AT + _META.size
-_HEADER = 64
-#: An abandoned temporary segment (its creator died before renaming it) older than this goes.
-_STALE_TEMPORARY_S = 60.0
-#: How a settle the script itself refused reads (its own error, or a Lua runtime error).
-_SCRIPT_ERRORS = ("settle.lua", "user_script", "Error running script")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-#: In-memory states of an entry.
-_IN_FLIGHT, _LEFT, _GONE = "in flight", "left", "gone"
-
-
-def _key(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[
-        :20
-    ]
-
-
-def _refused_by_script(exc: BaseException | None) -> bool:
-    """Whether the settle script itself refused an entry (its own error, or a Lua runtime
-    error on the entry's arguments), not Redis: a command inside the script that Redis
-    refused (``WRONGTYPE``, ``NOPERM``, ``OOM`` ...) carries Redis's error code first, and is
-    the ledger's fault, not the entry's (the entry must wait for the ledger to be fixed)."""
-    if not isinstance(exc, redis.ResponseError):
-        return False
-    text = str(exc)
-    if "settle.lua:" in text:
-        return True
-    code = text.split(" ", 1)[0]
-    if code.isalpha() and code.isupper() and code != "ERR":
-        return False
-    return any(mark in text for mark in _SCRIPT_ERRORS)
 
 
 def _msync(segment: _Segment, offset: int, size: int) -> None:
@@ -199,258 +167,11 @@ def _msync(segment: _Segment, offset: int, size: int) -> None:
         segment.map.flush(offset, size)
 
 
-class _Segment:
-    """One segment file, mapped and locked by this process."""
-
-    __slots__ = ("detached", "fd", "free", "identity", "live", "map", "own", "path", "slots")
-
-    def __init__(
-        self, path: Path, fd: int, mapped: mmap.mmap, slots: int, *, own: bool, identity: Any
-    ) -> None:
-        self.path = path
-        self.fd = fd
-        self.map: mmap.mmap | None = mapped
-        self.slots = slots
-        self.own = own
-        self.identity = identity
-        #: Own segments: the free slots, a stack (lowest on top, so that the same few pages
-        #: are reused). ``list.pop`` and ``list.append`` are atomic under the GIL: a one-slot
-        #: entry of the primary segment takes and gives back its slot without a lock.
-        self.free = list(range(slots - 1, -1, -1)) if own else None
-        #: Taken-over segments: entries not done.
-        self.live = 0
-        #: Own, but its file was removed from the directory: no new entries go in.
-        self.detached = False
-
-    def empty(self) -> bool:
-        if self.free is not None:
-            return len(self.free) >= self.slots
-        return self.live <= 0
-
-    def in_use(self) -> int:
-        """Slots (own) or entries (taken over) in use."""
-        return self.slots - len(self.free) if self.free is not None else self.live
-
-    def close(self) -> None:
-        """Unmap and close (the lock goes with the last descriptor)."""
-        if self.map is not None:
-            with contextlib.suppress(BufferError, ValueError):
-                self.map.close()
-            self.map = None
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
-
-
-class JournalEntry:
-    """One answer in the journal: what :meth:`Journal.record` returns, and what
-    :meth:`Journal.entries` lists. ``entry`` is the stored JSON object."""
-
-    __slots__ = (
-        "_journal",
-        "_segment",
-        "busy",
-        "durable",
-        "entry",
-        "key",
-        "length",
-        "seq",
-        "slot",
-        "slots",
-        "state",
-        "written",
-    )
-
-    def __init__(
-        self,
-        journal: Journal,
-        segment: _Segment,
-        *,
-        slot: int,
-        slots: int,
-        length: int,
-        seq: int,
-        written: float,
-        key: str,
-        entry: dict[str, Any],
-        state: str,
-    ) -> None:
-        self._journal = journal
-        self._segment = segment
-        self.slot = slot
-        self.slots = slots
-        self.length = length
-        self.seq = seq
-        self.written = written
-        self.key = key
-        self.entry = entry
-        self.state = state
-        self.busy = False
-        self.durable = False
-
-    @property
-    def message_id(self) -> str:
-        return self.key
-
-    @property
-    def token(self) -> str:
-        return str(self.entry.get("token", ""))
-
-    @property
-    def segment(self) -> Path:
-        """The segment file the entry is in."""
-        return self._segment.path
-
-    def pages(self) -> tuple[int, int]:
-        """``(offset, size)`` of the entry's pages in its segment file."""
-        start = self.slot * SLOT_SIZE
-        start -= start % mmap.PAGESIZE
-        return start, (self.slot + self.slots) * SLOT_SIZE - start
-
-    def payload(self) -> bytes:
-        """The entry's JSON as stored."""
-        mapped = self._segment.map
-        if mapped is not None:
-            at = self.slot * SLOT_SIZE + _HEADER
-            return bytes(mapped[at : at + self.length])
-        return _encode(self.entry)
-
-    def __repr__(self) -> str:
-        return f"<journal entry of {self.key!r} in {self._segment.path.name} slot {self.slot}>"
-
-
-def _claim(segment: _Segment, slots: int) -> int:
-    """Take ``slots`` contiguous free slots of an own segment (under the journal's lock, but
-    one-slot entries of the primary segment are taken without it meanwhile: a slot is taken
-    by whoever removes it from the free list); the first one, or -1."""
-    free = segment.free
-    assert free is not None
-    if slots == 1:
-        try:
-            return free.pop()
-        except IndexError:
-            return -1
-    for _ in range(3):
-        available = set(free)
-        start = next(
-            (s for s in sorted(available) if all(s + i in available for i in range(slots))), -1
-        )
-        if start < 0:
-            return -1
-        taken = []
-        for index in range(start, start + slots):
-            try:
-                free.remove(index)
-            except ValueError:  # taken meanwhile
-                break
-            taken.append(index)
-        if len(taken) == slots:
-            return start
-        free.extend(reversed(taken))
-    return -1
-
-
-def _encode(entry: Mapping[str, Any]) -> bytes:
-    return json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "surrogatepass"
-    )
-
-
-def _age(handle: JournalEntry) -> tuple[float, int]:
-    return handle.written, handle.seq
-
-
-@dataclass(frozen=True)
-class _Found:
-    """An open entry read from a segment: ``payload`` checked, or ``torn``."""
-
-    slot: int
-    slots: int
-    seq: int
-    written: float
-    payload: bytes
-    torn: str = ""
-
-
-def _scan(buffer: Any, count: int) -> Iterator[_Found]:
-    """The open entries of a segment's content (``count`` slots), in slot order."""
-    slot = 0
-    while slot < count:
-        at = slot * SLOT_SIZE
-        if buffer[at : at + 4] != _MAGIC or buffer[at + _STATE] != _OPEN:
-            slot += 1
-            continue
-        meta = bytes(buffer[at + _META_AT : at + _CRC_AT])
-        version, slots, length, seq, written = _META.unpack(meta)
-        (crc,) = _CRC.unpack_from(buffer, at + _CRC_AT)
-        if not 1 <= slots <= count - slot or length > slots * SLOT_SIZE - _HEADER:
-            end = min(at + SLOT_SIZE, at + _HEADER + length)
-            yield _Found(slot, 1, seq, written, bytes(buffer[at + _HEADER : end]), "bad bounds")
-            slot += 1
-            continue
-        payload = bytes(buffer[at + _HEADER : at + _HEADER + length])
-        if zlib.crc32(payload, zlib.crc32(meta)) != crc:
-            yield _Found(slot, 1, seq, written, payload, "bad CRC (torn)")
-            slot += 1
-            continue
-        if version != _VERSION:
-            yield _Found(slot, slots, seq, written, payload, f"unknown version {version}")
-        else:
-            yield _Found(slot, slots, seq, written, payload)
-        slot += slots
-
-
-def _write_bad(directory: Path, name: str, data: bytes) -> Path:
-    """A file ``name`` (``.bad``, mode 0600) holding ``data``, fsync'd with its directory."""
-    stem = name.removesuffix(".bad")
-    for index in itertools.count():
-        path = directory / (name if index == 0 else f"{stem}-{index}.bad")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_directory(directory)
-        return path
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _allocate_file(fd: int, size: int) -> None:
-    """Give the file its blocks now (writing into a hole of a full disk through a mapping
-    would be a SIGBUS, not an error)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-        return
-    except AttributeError:  # (not on macOS)
-        pass
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-    zeros = bytes(64 * 1024)
-    for offset in range(0, size, len(zeros)):
-        os.pwrite(fd, zeros[: size - offset], offset)
-
-
 #: Every journal of this process (a forked child makes them forget their parent's files).
 _JOURNALS: weakref.WeakSet[Journal] = weakref.WeakSet()
 
 
-class Journal:
+class Journal(_Takeover, _Replays):
     """The answers of one account that the ledger has not taken yet, on local disk.
 
     Args:
@@ -600,40 +321,11 @@ class Journal:
                 at = _claim(segment, slots)
                 if at >= 0:
                     return segment, at
-        segment = self._create_segment(max(self.segment_slots, slots))
+        segment = _create_segment(self.directory, max(self.segment_slots, slots))
         self._segments.append(segment)
         if self._primary is None and segment.slots == self.segment_slots:
             self._primary = segment
         return segment, _claim(segment, slots)
-
-    def _create_segment(self, slots: int) -> _Segment:
-        """A new segment file: allocated and locked under a temporary name, then renamed into
-        place (no other process ever sees it unlocked) and the directory fsync'd."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        name = f"{os.getpid()}-{secrets.token_hex(6)}{SEGMENT_SUFFIX}"
-        path = self.directory / name
-        temporary = self.directory / f".{name}.tmp"
-        size = slots * SLOT_SIZE
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _allocate_file(fd, size)
-            os.fsync(fd)
-            mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            try:
-                os.rename(temporary, path)
-                _fsync_directory(self.directory)
-            except BaseException:
-                mapped.close()
-                raise
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        status = os.fstat(fd)
-        log.info("journal: new segment %s (%d slots)", path, slots)
-        return _Segment(path, fd, mapped, slots, own=True, identity=(status.st_dev, status.st_ino))
 
     def make_durable(self, handle: JournalEntry | None) -> None:
         """Flush an entry's pages to disk (``msync``; called when the ledger is found
@@ -741,362 +433,6 @@ class Journal:
                 found = list(self._left.get(message_id, ()))
         return sorted(found, key=_age)
 
-    def replay(self, ledger: Ledger, message_id: str | None = None) -> int:
-        """Settle the entries left (of one message, or all), oldest first.
-
-        With a message id (a run, before it reserves) this is a dictionary lookup when the
-        message has no entry left; it waits for an entry of the message that another thread
-        is replaying. Without one (the replayer thread, the reconciler) it first takes dead
-        processes' segments over.
-
-        An entry the settle script itself refuses is set aside as ``.bad`` (replaying it
-        would fail again). An entry the ledger refuses for a reason of its own that retrying
-        does not clear (a message record of the wrong type, say: ``LedgerBroken``) stays, and
-        the other entries are still replayed: one poisoned message must not keep every other
-        message's answers (and the reconciler's sweep) waiting.
-
-        Returns:
-            How many entries the ledger took.
-
-        Raises:
-            LedgerUnavailable: the ledger could not be reached; the entries stay.
-            LedgerBroken: an entry stays because the ledger refused it, or its settle raised
-                anything else; raised after every other entry was tried.
-        """
-        if message_id is None:
-            self._adopt()
-        elif message_id not in self._left:
-            return 0
-        with self._lock:
-            if message_id is None:
-                pending = [handle for handles in self._left.values() for handle in handles]
-            else:
-                pending = list(self._left.get(message_id, ()))
-        pending.sort(key=_age)
-        replayed = 0
-        broken: LedgerBroken | None = None
-        for handle in pending:
-            if not self._take(handle, wait=message_id is not None):
-                continue
-            try:
-                outcome = self._replay_one(ledger, handle)
-            except LedgerUnavailable:
-                raise
-            except Exception as exc:
-                # Anything else the settle of this one entry raised (an argument the client
-                # cannot send, say): it stays, like an entry the ledger refuses, and the
-                # next ones are tried - it must not hold up every later answer and every
-                # sweep of the account's reconciler (which replays first).
-                log.error(
-                    "journal entry %r could not be settled (%s: %s); kept, trying the next ones",
-                    handle,
-                    type(exc).__name__,
-                    exc,
-                )
-                outcome = LedgerBroken(f"journal entry of {handle.key!r}: {type(exc).__name__}")
-            finally:
-                with self._changed:
-                    handle.busy = False
-                    self._changed.notify_all()
-            if isinstance(outcome, LedgerBroken):
-                broken = broken or outcome
-            elif outcome:
-                replayed += 1
-        if broken is not None:
-            raise broken
-        return replayed
-
-    def _take(self, handle: JournalEntry, *, wait: bool) -> bool:
-        """Mark an entry busy for this thread's replay; ``False`` when it is gone, or busy in
-        another thread's replay and ``wait`` is false. (A run waits: it must not reserve
-        before its message's answers reached the ledger.)"""
-        with self._changed:
-            while wait and handle.busy:
-                self._changed.wait()
-            if handle.busy or handle.state != _LEFT:
-                return False
-            handle.busy = True
-            return True
-
-    def _replay_one(self, ledger: Ledger, handle: JournalEntry) -> bool | LedgerBroken:
-        """Settle one entry: whether the ledger took it, or the error it stays for."""
-        entry = handle.entry
-        try:
-            items = [Settlement(*item) for item in entry["items"]]
-            target = str(entry["message_id"])
-            token = str(entry["token"])
-            retry_at = float(entry["retry_at"])
-            now = float(entry["now"])
-            days = dict(entry.get("days") or {})
-        except (ValueError, KeyError, TypeError) as exc:
-            self._set_aside(handle, f"cannot be read ({exc})")
-            return False
-        try:
-            ledger.settle(target, items, days=days, token=token, retry_at=retry_at, now=now)
-        except (redis.ResponseError, LedgerBroken) as exc:
-            # (The ledger raises LedgerBroken from the script's ResponseError.)
-            cause = exc.__cause__ if isinstance(exc, LedgerBroken) else exc
-            if not _refused_by_script(cause):
-                # A cluster, permission or wrong-type error: not the entry's fault; it
-                # stays for when the ledger is fixed, and the next entries are tried.
-                log.error("journal entry %r: %s; kept, trying the next ones", handle, exc)
-                return (
-                    exc
-                    if isinstance(exc, LedgerBroken)
-                    else LedgerBroken(f"ledger Redis (SMS_REDIS_URL): {exc}")
-                )
-            # Refused by the script itself: replaying it again would fail again and block
-            # the message's next runs. Set aside for an operator (outages still propagate).
-            self._set_aside(handle, f"refused by the ledger ({exc})")
-            return False
-        self._finish(handle)
-        metrics.JOURNAL_REPLAYED.inc()
-        log.warning(
-            "message %s: an answer kept in the journal reached the ledger (%d numbers)",
-            target,
-            len(items),
-        )
-        return True
-
-    def _set_aside(self, handle: JournalEntry, why: str) -> None:
-        """Copy an entry to a ``.bad`` file for an operator, and mark it done."""
-        token = handle.token if _SAFE_NAME.fullmatch(handle.token) else _key(handle.token)
-        name = f"{_key(handle.key)}-{token}-{time.time_ns()}.bad"
-        try:
-            path = _write_bad(self.directory, name, handle.payload())
-        except OSError as exc:
-            log.error(
-                "journal entry %r %s, and could not be set aside (%s): it stays in %s",
-                handle,
-                why,
-                exc,
-                handle.segment,
-            )
-            with self._lock:  # not replayed again by this process; still open on disk
-                if handle.state == _LEFT:
-                    self._left[handle.key].remove(handle)
-                    if not self._left[handle.key]:
-                        del self._left[handle.key]
-                    handle.state = _IN_FLIGHT
-            return
-        log.error("journal entry %r %s; set aside as %s", handle, why, path)
-        self._finish(handle)
-
-    # ------------------------------------------------------------------ other processes
-
-    def _adopt(self) -> None:
-        """Take over the segments of dead processes, move entries of the old layout in, and
-        check that this process's own segments are still on disk."""
-        if not self._scanning.acquire(blocking=False):
-            return  # another thread of this process is at it
-        try:
-            try:
-                names = os.listdir(self.directory)
-            except OSError as exc:
-                # (Unreadable - permissions, an I/O error: this process's own entries are
-                # still replayed, and the reconciler, which replays first, still sweeps.)
-                if not isinstance(exc, FileNotFoundError):
-                    where = self.directory
-                    self._complain(where, "journal directory %s cannot be read (%s)", where, exc)
-                names = []
-            with self._lock:
-                mine = {s.path.name for s in self._segments} | set(self._adopted)
-            for name in sorted(names):
-                path = self.directory / name
-                if name.endswith(SEGMENT_SUFFIX) and name not in mine:
-                    self._adopt_segment(path)
-                elif name.endswith(".json") and not name.startswith("."):
-                    self._import_old(path)
-                elif name.startswith(".") and name.endswith(SEGMENT_SUFFIX + ".tmp"):
-                    self._remove_stale_temporary(path)
-            self._check_own()
-        finally:
-            self._scanning.release()
-
-    def _complain(self, path: Path, message: str, *args: object) -> None:
-        if str(path) not in self._complained:
-            self._complained.add(str(path))
-            log.error(message, *args)
-
-    def _adopt_segment(self, path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self._complain(path, "journal segment %s cannot be opened (%s)", path, exc)
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)  # its process is alive and replays its own
-                return
-            status = os.fstat(fd)
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                current = None
-            if current is None or (current.st_dev, current.st_ino) != (
-                status.st_dev,
-                status.st_ino,
-            ):
-                os.close(fd)  # taken over and removed meanwhile
-                return
-            size = status.st_size
-            # A file cut short of a whole slot (a copy or a restore that stopped early) keeps
-            # its whole slots: an entry the cut reaches fails its bounds and is set aside.
-            if size < SLOT_SIZE:
-                bad = path.with_suffix(".bad")
-                os.rename(path, bad)
-                os.close(fd)
-                log.error(
-                    "journal file %s is not a segment (%d bytes); set aside as %s", path, size, bad
-                )
-                return
-            mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            self._complain(path, "journal segment %s cannot be taken over (%s)", path, exc)
-            return
-        segment = _Segment(
-            path, fd, mapped, size // SLOT_SIZE, own=False, identity=(status.st_dev, status.st_ino)
-        )
-        handles: list[JournalEntry] = []
-        torn: list[_Found] = []
-        for scanned in _scan(mapped, segment.slots):
-            found, entry = scanned, None
-            if not found.torn:
-                try:
-                    entry = json.loads(found.payload.decode("utf-8", "surrogatepass"))
-                    key = str(entry["message_id"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    found = _Found(found.slot, found.slots, 0, 0.0, found.payload, f"{exc}")
-                    entry = None
-            if entry is None:
-                torn.append(found)
-                continue
-            handles.append(
-                JournalEntry(
-                    self,
-                    segment,
-                    slot=found.slot,
-                    slots=found.slots,
-                    length=len(found.payload),
-                    seq=found.seq,
-                    written=found.written,
-                    key=key,
-                    entry=entry,
-                    state=_LEFT,
-                )
-            )
-        for found in torn:
-            name = f"{path.stem}-{found.slot}.bad"
-            try:
-                bad = _write_bad(self.directory, name, found.payload)
-            except OSError as exc:
-                log.error(
-                    "journal entry in %s slot %d cannot be read (%s) nor set aside (%s)",
-                    path,
-                    found.slot,
-                    found.torn,
-                    exc,
-                )
-                segment.live += 1  # stays: the file is kept
-                continue
-            mapped[found.slot * SLOT_SIZE + _STATE] = _DONE
-            log.error(
-                "journal entry in %s slot %d cannot be read (%s); set aside as %s",
-                path,
-                found.slot,
-                found.torn,
-                bad,
-            )
-        with self._lock:
-            segment.live += len(handles)
-            for handle in handles:
-                self._left.setdefault(handle.key, []).append(handle)
-            if segment.empty():
-                self._retire(segment)
-                return
-            self._adopted[path.name] = segment
-        if handles:
-            log.warning(
-                "journal: took over %d answers a dead process left in %s", len(handles), path
-            )
-
-    def _import_old(self, path: Path) -> None:
-        """An entry file of the one-file-per-entry layout: into this process's segment."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self._complain(path, "journal entry %s cannot be read (%s)", path, exc)
-            return
-        try:
-            entry = json.loads(data.decode("utf-8", "surrogatepass"))
-            key = str(entry["message_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("journal entry %s cannot be read (%s); set aside as .bad", path, exc)
-            with contextlib.suppress(OSError):
-                path.rename(path.with_suffix(".bad"))
-            return
-        try:
-            handle = self._write(key, entry, data)
-        except (OSError, ValueError) as exc:
-            self._complain(path, "journal entry %s cannot be moved in (%s)", path, exc)
-            return
-        self.keep(handle)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        log.warning("journal: entry %s moved into %s", path, handle.segment)
-
-    def _remove_stale_temporary(self, path: Path) -> None:
-        """A segment whose creator died before renaming it into place (it holds no entry)."""
-        try:
-            if time.time() - path.stat().st_mtime < _STALE_TEMPORARY_S:
-                return
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def _check_own(self) -> None:
-        """An own segment whose file was removed (an operator clearing the directory) no
-        longer keeps anything across a crash: no new entry goes in, and it says so."""
-        with self._lock:
-            own = [s for s in self._segments if not s.detached]
-        for segment in own:
-            try:
-                status = os.stat(segment.path)
-                same = (status.st_dev, status.st_ino) == segment.identity
-            except FileNotFoundError:
-                same = False
-            except OSError:
-                continue
-            if same:
-                continue
-            log.error(
-                "journal segment %s was removed from disk while in use; its entries (%d "
-                "slots) now live only in memory; new entries go to a new segment",
-                segment.path,
-                segment.in_use(),
-            )
-            with self._lock:
-                segment.detached = True
-                if segment is self._primary:
-                    self._primary = None
-                if segment.empty():
-                    self._retire(segment)
-
     # ------------------------------------------------------------------ life
 
     def close(self) -> None:
@@ -1148,83 +484,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_at_exit)
 
 
-# ---------------------------------------------------------------------- looking in
-
-
-@dataclass(frozen=True)
-class DiskEntry:
-    """An open entry found on disk: its file, its slot (``None``: a file of the old layout),
-    and the stored JSON object (``None`` with ``problem`` when it cannot be read)."""
-
-    path: Path
-    slot: int | None
-    entry: dict[str, Any] | None
-    problem: str = ""
-
-
-def _read_segment(path: Path, *, unheld_only: bool) -> list[DiskEntry] | None:
-    """The open entries of one segment file; ``None`` when ``unheld_only`` and a live
-    process holds it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return []
-    try:
-        if unheld_only:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None
-        size = os.fstat(fd).st_size
-        if size < SLOT_SIZE:
-            return [DiskEntry(path, None, None, f"not a segment ({size} bytes)")]
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
-            found = list(_scan(mapped, size // SLOT_SIZE))
-    except OSError as exc:
-        return [DiskEntry(path, None, None, str(exc))]
-    finally:
-        os.close(fd)
-    entries = []
-    for item in found:
-        entry, problem = None, item.torn
-        if not problem:
-            try:
-                entry = dict(json.loads(item.payload.decode("utf-8", "surrogatepass")))
-            except (ValueError, TypeError) as exc:
-                problem = str(exc)
-        entries.append(DiskEntry(path, item.slot, entry, problem))
-    return entries
-
-
-def _read_directory(directory: Path, *, unheld_only: bool) -> list[DiskEntry]:
-    found: list[DiskEntry] = []
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return found
-    for name in names:
-        path = directory / name
-        if name.endswith(SEGMENT_SUFFIX) and not name.startswith("."):
-            found.extend(_read_segment(path, unheld_only=unheld_only) or ())
-        elif name.endswith(".json") and not name.startswith("."):
-            try:
-                found.append(DiskEntry(path, None, dict(json.loads(path.read_bytes()))))
-            except (OSError, ValueError, TypeError) as exc:
-                found.append(DiskEntry(path, None, None, str(exc)))
-    return found
-
-
-def on_disk(root: str | Path) -> list[DiskEntry]:
-    """Every open entry under ``root`` (a journal root, one account's directory or one
-    segment file), whether its process is alive or not (for an operator's look and for tests;
-    it takes no lock and changes nothing, so an entry being written may be missing)."""
-    root = Path(root)
-    if root.is_file():
-        return _read_segment(root, unheld_only=False) or []
-    directories = [root, *sorted(p for p in root.rglob("*") if p.is_dir())] if root.is_dir() else []
-    return [entry for d in directories for entry in _read_directory(d, unheld_only=False)]
-
-
 def stranded(root: str | Path, known: Sequence[Journal]) -> dict[str, int]:
     """Journal directories under ``root`` that no account of this worker replays, with how
     many answers each holds in files no live process holds (an account removed from the
@@ -1243,94 +502,3 @@ def stranded(root: str | Path, known: Sequence[Journal]) -> dict[str, int]:
         if count:
             found[directory.name] = count
     return found
-
-
-class JournalReplayer:
-    """Replays a journal every ``interval_s`` in a daemon thread while entries are left.
-
-    Args:
-        journal: the journal.
-        ledger: the ledger its entries go to.
-        interval_s: seconds between looks.
-        account: the account's name: the ``account`` label of the entries gauge
-            (``polyv_sms_journal_entries``), one series per account (one gauge for all was
-            set by each account's thread in turn: a scrape saw whichever looked last).
-    """
-
-    def __init__(
-        self,
-        journal: Journal,
-        ledger: Ledger,
-        *,
-        interval_s: float = DEFAULT_REPLAY_INTERVAL_S,
-        account: str = "default",
-    ) -> None:
-        self.journal = journal
-        self.ledger = ledger
-        self.interval_s = interval_s
-        self._gauge = metrics.JOURNAL_PENDING.labels(account)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def replay_once(self) -> int:
-        """One pass (dead processes' segments taken over first); an unreachable ledger is
-        logged, and the entries wait for the next."""
-        left = len(self.journal.entries())
-        self._gauge.set(left)
-        if not left:
-            return 0
-        try:
-            return self.journal.replay(self.ledger)
-        except LedgerUnavailable as exc:
-            log.warning("journal: %s; answers kept on disk, trying again", exc)
-            return 0
-        except LedgerBroken:
-            return 0  # (each entry it refused is logged; the others were replayed)
-        finally:
-            self._gauge.set(len(self.journal.entries()))
-
-    def start(self) -> None:
-        """Replay now and then every ``interval_s`` until :meth:`stop`."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="polyv-sms-journal", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread (it ends after its current pass)."""
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.replay_once()
-            except Exception:
-                log.exception("journal replay failed; trying again in %.0fs", self.interval_s)
-            if self._stop.wait(self.interval_s):
-                return
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m polyv_sms.ledger.journal DIRECTORY...``: the open entries, as JSON lines."""
-    paths = list(sys.argv[1:] if argv is None else argv)
-    if not paths:
-        print("usage: python -m polyv_sms.ledger.journal DIRECTORY...", file=sys.stderr)
-        return 2
-    for path in paths:
-        for found in on_disk(path):
-            line: dict[str, Any] = {"file": str(found.path), "slot": found.slot}
-            if found.problem:
-                line["problem"] = found.problem
-            line["entry"] = found.entry
-            try:
-                print(json.dumps(line, ensure_ascii=False))
-            except UnicodeEncodeError:
-                # Polyv's text with a lone surrogate, or an output that is not UTF-8: the
-                # same JSON with its non-ASCII characters escaped (encoded whole: nothing of
-                # the first attempt was written).
-                print(json.dumps(line))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
