@@ -336,7 +336,7 @@ class Dispatcher:
             journal = self.journal if journaling else None
             if journal is not None:
                 # On disk before the settle is attempted: an answer read is never lost, even
-                # if the ledger stays down or this process dies (see ledger/journal.py); made
+                # if the ledger stays down or this process dies (see ledger/journal/); made
                 # durable (msync) once the ledger is found unavailable.
                 journaled = journal.record(
                     run.message_id,

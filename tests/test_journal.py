@@ -1,4 +1,4 @@
-"""The answer journal's segment files (``polyv_sms/ledger/journal.py``): what a process leaves on
+"""The answer journal's segment files (``polyv_sms/ledger/journal/``): what a process leaves on
 disk, who takes it over, and what is set aside. A real redis-server for the ledger; other
 processes are real processes (a subprocess, a fork) where the claim is about processes; a
 second ``Journal`` on the same directory stands for another worker process elsewhere (each
