@@ -306,8 +306,9 @@ class Dispatcher:
         ]
         delay = 0.0
         journaled = None
+        # The attempt each number was granted: what its answer (or give-back) is for.
+        granted = {s.number: s.attempts for s in reserved}
         if to_send and held is not None:
-            granted = {s.number: s.attempts for s in reserved}
             error = "Polyv blocks our requests (the shared pause); not sent"
             items += [
                 Settlement(n, "rate_limited", error=error, attempt=granted[n]) for n in to_send
@@ -316,7 +317,6 @@ class Dispatcher:
             to_send = []
         if to_send:
             sent = self._send(run, request, to_send)
-            granted = {s.number: s.attempts for s in reserved}
             sent = [item._replace(attempt=granted[item.number]) for item in sent]
             delay = self.backoff(max(run.states[n].attempts for n in to_send))
             if any(item.action == "rate_limited" for item in sent):
