@@ -49,6 +49,14 @@ DEFAULT_DETECT_WAIT_S = 30.0
 _DETECT_PAUSE_S = 0.5
 
 #: What :func:`connect_redis` returns; both have the commands the ledger uses.
+#: Linux's ``SO_MEMINFO`` (``<asm-generic/socket.h>``): nine counters, the first the bytes
+#: allocated to the receive queue (0: nothing to read); and ``TCP_INFO``'s first byte, the
+#: TCP state, whose value 1 is ``TCP_ESTABLISHED``.
+_SO_MEMINFO = 55
+_MEMINFO_SIZE = 9 * 4
+_TCP_ESTABLISHED = 1
+_SOCKOPT_CHECK = sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO")
+
 LedgerClient: TypeAlias = redis.Redis | RedisCluster
 
 
@@ -89,6 +97,39 @@ class KernelTimeoutConnection(redis.Connection):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
         sock.settimeout(None)
         return sock
+
+    def can_read(self, timeout: float = 0) -> bool:
+        """``False`` for a connection ready to send a command on; a connection error for one
+        that is not: its peer closed or reset it, or it holds a reply nobody read.
+
+        redis-py's pool asks this of every connection it hands out and, on a connection
+        error, reconnects it. Its own check is a ``poll()``: a system call that releases the
+        GIL, and so a hand-off between a worker's busy threads, once per command; and with
+        its maintenance notifications on (redis-py 8's default), it looks only at a closed
+        peer, not at a reply left unread (a caller interrupted between sending and reading),
+        which the next command would take for its own. Here both are looked at with
+        ``getsockopt``, which keeps the GIL: the TCP state (``TCP_INFO``: anything but
+        ``ESTABLISHED``) and bytes waiting to be read (``SO_MEMINFO``, besides what the parser
+        holds). Asked with a timeout (to wait for data), with a parser of another kind, or
+        off Linux: redis-py's own check.
+
+        Raises:
+            redis.ConnectionError: the connection must not be used (the pool reconnects it).
+        """
+        sock = self._sock
+        reader = getattr(self._parser, "_reader", None)
+        if timeout != 0 or sock is None or not _SOCKOPT_CHECK or not hasattr(reader, "has_data"):
+            return bool(super().can_read(timeout))
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            queued = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_SIZE)
+        except OSError as exc:
+            raise redis.ConnectionError(f"ledger connection broken: {exc}") from exc
+        if state != _TCP_ESTABLISHED:
+            raise redis.ConnectionError("the ledger Redis closed the connection")
+        if reader.has_data() or struct.unpack_from("I", queued)[0] > 0:
+            raise redis.ConnectionError("a reply nobody read is waiting on the connection")
+        return False
 
 
 def _plain_options(url: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -275,3 +275,55 @@ def test_a_frozen_ledger_redis_is_an_outage_within_the_socket_timeout(tmp_path: 
     finally:
         client.close()
         server.stop()
+
+
+def test_the_pool_hands_out_no_closed_or_dirty_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's check of each connection it hands out (``can_read``) answers from
+    getsockopt, without poll(): a connection whose server closed it, or that holds a reply
+    nobody read, is still replaced before a command goes out on it, and a command never
+    reads another command's reply (redis-py 8's own check no longer looks for one)."""
+    import select
+
+    server = RedisServer(tmp_path / "pool").start()
+    client = connect_redis(server.url(0), socket_timeout=2, connect_timeout=2)
+    try:
+        client.set("a", "A")
+        client.set("b", "B")
+        pool = client.connection_pool
+
+        def no_poll() -> None:
+            raise AssertionError("poll() on the pool's check")
+
+        # A healthy idle connection: reused, and its check polls nothing.
+        with monkeypatch.context() as patched:
+            patched.setattr(select, "poll", no_poll)
+            first = pool.get_connection()
+            assert first.can_read() is False
+            pool.release(first)
+            assert client.get("a") == "A"
+            again = pool.get_connection()
+            assert again is first
+            assert again._sock is not None
+            # A reply nobody read (a command sent, its caller gone): the connection is
+            # replaced, and the next command reads its own reply, not that one.
+            again.send_command("GET", "a")
+            assert select.select([again._sock], [], [], 2)[0]
+            with pytest.raises(redis.ConnectionError, match="nobody read"):
+                again.can_read()
+            pool.release(again)
+            assert client.get("b") == "B"
+        # Closed by the server (CLIENT KILL, a restart, an idle timeout): replaced too.
+        victim = pool.get_connection()
+        (victim_id,) = [c["id"] for c in server.client().client_list() if c["cmd"] != "client|list"]
+        pool.release(victim)
+        server.client().client_kill_filter(_id=victim_id)
+        assert select.select([victim._sock], [], [], 2)[0]
+        with pytest.raises(redis.ConnectionError, match="closed"):
+            victim.can_read()
+        assert client.get("a") == "A"
+        assert victim._sock is not None  # reconnected, not left closed
+    finally:
+        client.close()
+        server.stop()
