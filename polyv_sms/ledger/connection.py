@@ -110,24 +110,29 @@ class KernelTimeoutConnection(redis.Connection):
         which the next command would take for its own. Here both are looked at with
         ``getsockopt``, which keeps the GIL: the TCP state (``TCP_INFO``: anything but
         ``ESTABLISHED``) and bytes waiting to be read (``SO_MEMINFO``, besides what the parser
-        holds). Asked with a timeout (to wait for data), with a parser of another kind, or
-        off Linux: redis-py's own check.
+        holds). With a parser of another kind (no hiredis), or off Linux: redis-py's own
+        check, and data it finds waiting is refused the same way (redis-py would hand the
+        connection out). Asked with a timeout (to wait for data): redis-py's own answer.
 
         Raises:
             redis.ConnectionError: the connection must not be used (the pool reconnects it).
         """
+        if timeout != 0:
+            return bool(super().can_read(timeout))
         sock = self._sock
         reader = getattr(self._parser, "_reader", None)
-        if timeout != 0 or sock is None or not _SOCKOPT_CHECK or not hasattr(reader, "has_data"):
-            return bool(super().can_read(timeout))
-        try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-            queued = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_SIZE)
-        except OSError as exc:
-            raise redis.ConnectionError(f"ledger connection broken: {exc}") from exc
-        if state != _TCP_ESTABLISHED:
-            raise redis.ConnectionError("the ledger Redis closed the connection")
-        if reader.has_data() or struct.unpack_from("I", queued)[0] > 0:
+        if sock is not None and _SOCKOPT_CHECK and hasattr(reader, "has_data"):
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                queued = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_SIZE)
+            except OSError as exc:
+                raise redis.ConnectionError(f"ledger connection broken: {exc}") from exc
+            if state != _TCP_ESTABLISHED:
+                raise redis.ConnectionError("the ledger Redis closed the connection")
+            if reader.has_data() or struct.unpack_from("I", queued)[0] > 0:
+                raise redis.ConnectionError("a reply nobody read is waiting on the connection")
+            return False
+        if super().can_read(0):
             raise redis.ConnectionError("a reply nobody read is waiting on the connection")
         return False
 

@@ -327,3 +327,40 @@ def test_the_pool_hands_out_no_closed_or_dirty_connection(
     finally:
         client.close()
         server.stop()
+
+
+@pytest.mark.parametrize("path", ["pure-python parser", "no getsockopt check"])
+def test_the_fallback_check_also_refuses_a_reply_nobody_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Without hiredis (redis-py's own parser), or off Linux, the pool's check is redis-py's
+    ``poll()``: data it finds waiting must still get the connection replaced, else, with
+    maintenance notifications on, every later command on it reads the reply before its own."""
+    import select
+
+    from redis._parsers import _RESP3Parser
+
+    from polyv_sms.ledger import connection
+
+    server = RedisServer(tmp_path / "fallback").start()
+    url = server.url(0)
+    options = connection._plain_options(url, connection._options(2.0, 2.0))
+    if path == "pure-python parser":
+        options["parser_class"] = _RESP3Parser
+    else:
+        monkeypatch.setattr(connection, "_SOCKOPT_CHECK", False)
+    client = redis.Redis.from_url(url, **options)
+    try:
+        client.set("a", "A")
+        client.set("b", "B")
+        pool = client.connection_pool
+        assert pool.maint_notifications_enabled()  # redis-py itself ignores waiting data
+        dirty = pool.get_connection()
+        dirty.send_command("GET", "a")
+        assert select.select([dirty._sock], [], [], 2)[0]
+        pool.release(dirty)
+        assert client.get("b") == "B"
+        assert client.get("a") == "A"
+    finally:
+        client.close()
+        server.stop()
