@@ -15,12 +15,13 @@ No cluster or failover logic lives here: redis-py does it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
 import sys
 import time
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -56,6 +57,11 @@ _SO_MEMINFO = 55
 _MEMINFO_SIZE = 9 * 4
 _TCP_ESTABLISHED = 1
 _SOCKOPT_CHECK = sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO")
+#: What ``getsockopt`` fails with where the kernel (or a sandbox, an emulator, a seccomp filter)
+#: does not offer an option: the check then falls back to redis-py's ``poll()``, for good.
+_UNSUPPORTED_ERRNOS = frozenset(
+    {errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+)
 
 LedgerClient: TypeAlias = redis.Redis | RedisCluster
 
@@ -85,6 +91,9 @@ class KernelTimeoutConnection(redis.Connection):
         kernel_timeout: the bound, in seconds, of one send or receive (``socket_timeout``).
     """
 
+    #: Set when the kernel refused the options of :meth:`can_read`'s check (for the process).
+    _sockopt_refused: ClassVar[bool] = False
+
     def __init__(self, *args: Any, kernel_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.kernel_timeout = kernel_timeout
@@ -110,9 +119,10 @@ class KernelTimeoutConnection(redis.Connection):
         which the next command would take for its own. Here both are looked at with
         ``getsockopt``, which keeps the GIL: the TCP state (``TCP_INFO``: anything but
         ``ESTABLISHED``) and bytes waiting to be read (``SO_MEMINFO``, besides what the parser
-        holds). With a parser of another kind (no hiredis), or off Linux: redis-py's own
-        check, and data it finds waiting is refused the same way (redis-py would hand the
-        connection out). Asked with a timeout (to wait for data): redis-py's own answer.
+        holds). With a parser of another kind (no hiredis), off Linux, or where the kernel
+        refuses those options: redis-py's own check, and data it finds waiting is refused the
+        same way (redis-py would hand the connection out). Asked with a timeout (to wait for
+        data): redis-py's own answer.
 
         Raises:
             redis.ConnectionError: the connection must not be used (the pool reconnects it).
@@ -121,17 +131,24 @@ class KernelTimeoutConnection(redis.Connection):
             return bool(super().can_read(timeout))
         sock = self._sock
         reader = getattr(self._parser, "_reader", None)
-        if sock is not None and _SOCKOPT_CHECK and hasattr(reader, "has_data"):
+        check = _SOCKOPT_CHECK and not KernelTimeoutConnection._sockopt_refused
+        if sock is not None and check and hasattr(reader, "has_data"):
             try:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
                 queued = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_SIZE)
             except OSError as exc:
-                raise redis.ConnectionError(f"ledger connection broken: {exc}") from exc
-            if state != _TCP_ESTABLISHED:
-                raise redis.ConnectionError("the ledger Redis closed the connection")
-            if reader.has_data() or struct.unpack_from("I", queued)[0] > 0:
-                raise redis.ConnectionError("a reply nobody read is waiting on the connection")
-            return False
+                if exc.errno not in _UNSUPPORTED_ERRNOS:
+                    raise redis.ConnectionError(f"ledger connection broken: {exc}") from exc
+                # Not a broken connection: a kernel without the option. Every connection
+                # would fail the check, and every command with it.
+                KernelTimeoutConnection._sockopt_refused = True
+                log.info("ledger connections: getsockopt check unavailable (%s); using poll()", exc)
+            else:
+                if state != _TCP_ESTABLISHED:
+                    raise redis.ConnectionError("the ledger Redis closed the connection")
+                if reader.has_data() or struct.unpack_from("I", queued)[0] > 0:
+                    raise redis.ConnectionError("a reply nobody read is waiting on the connection")
+                return False
         if super().can_read(0):
             raise redis.ConnectionError("a reply nobody read is waiting on the connection")
         return False

@@ -364,3 +364,41 @@ def test_the_fallback_check_also_refuses_a_reply_nobody_read(
     finally:
         client.close()
         server.stop()
+
+
+def test_a_kernel_that_refuses_the_socket_options_is_no_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``getsockopt(SO_MEMINFO)`` (or ``TCP_INFO``) is refused (ENOPROTOOPT: an older or
+    sandboxed kernel, an emulator, a seccomp filter), the check is not a broken connection:
+    it falls back to ``poll()``, and the ledger keeps working (it was a total outage: every
+    connection failed the check, and ``connect_redis`` itself gave up)."""
+    import select
+
+    from polyv_sms.ledger import connection
+
+    monkeypatch.setattr(connection, "_SOCKOPT_CHECK", True)
+    monkeypatch.setattr(
+        connection.KernelTimeoutConnection, "_sockopt_refused", False, raising=False
+    )
+    monkeypatch.setattr(connection, "_SO_MEMINFO", 0x7FFF)  # an option no kernel has
+    server = RedisServer(tmp_path / "nosockopt").start()
+    client = None
+    try:
+        client = connect_redis(server.url(0), socket_timeout=2, connect_timeout=2, wait_s=0)
+        for i in range(5):
+            client.set("a", str(i))
+        assert client.get("a") == "4"
+        assert connection.KernelTimeoutConnection._sockopt_refused
+        # The fallback still refuses a connection holding a reply nobody read.
+        pool = client.connection_pool
+        dirty = pool.get_connection()
+        dirty.send_command("GET", "a")
+        assert select.select([dirty._sock], [], [], 2)[0]
+        pool.release(dirty)
+        client.set("b", "B")
+        assert client.get("b") == "B"
+    finally:
+        if client is not None:
+            client.close()
+        server.stop()
