@@ -12,15 +12,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import redis
 
 from polyv_sms.config import Settings
-from polyv_sms.ledger import build_ledger, connect_redis
+from polyv_sms.ledger import Ledger, Reservation, Settlement, build_ledger, connect_redis
 from polyv_sms.ledger.receipts import Receipts
+
+if TYPE_CHECKING:  # the journal module is imported only by the tests that use it
+    from polyv_sms.ledger.journal import Journal, JournalEntry
 
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +125,31 @@ def empty_broker(server: RedisServer) -> None:
         for key in broker.scan_iter():
             if not key.startswith("_kombu.binding"):
                 broker.delete(key)
+
+
+def record_accepted(
+    journal: Journal,
+    ledger: Ledger,
+    message_id: str,
+    number: str,
+    serial: str,
+    *,
+    token: str,
+    now: float,
+    retry_at: float | None = None,
+    meta: Mapping[str, object] | None = None,
+) -> tuple[Reservation, JournalEntry | None]:
+    """Reserve ``number`` under ``token`` and journal Polyv's 12 for it, not yet settled."""
+    reserved = ledger.reserve(message_id, [number], token=token, meta=meta)
+    entry = journal.record(
+        message_id,
+        [Settlement(number, "accepted", 12, serial, attempt=1)],
+        days={number: reserved.states[0].day},
+        token=token,
+        retry_at=now if retry_at is None else retry_at,
+        now=now,
+    )
+    return reserved, entry
 
 
 def receipts_for(app_id: str, server: RedisServer) -> Receipts:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import CannedServer, RedisServer
+from helpers import CannedServer, RedisServer, record_accepted
 from reliability.tools import ReplyDroppingProxy
 from test_dispatch import TZ, Clock, make, quota, request, run_until_done
 
@@ -225,27 +225,15 @@ def test_the_reconciler_replays_the_journal_before_it_judges_a_message_overdue(
     dead = Journal(tmp_path / "journal", account[0])
     with PolyvSimulator(*account, clock=clock) as sim:
         d = make(client, account, sim.url, clock, journal=journal)
-        reserved = d.ledger.reserve(
-            "j2",
-            [N1],
-            token="dead",
-            meta={
-                "task_id": "t",
-                "phone_numbers": [N1],
-                "template_param_names": ["code"],
-                "template_param_values": ["1"],
-                "created_at": 0,
-            },
-        )
+        meta = {
+            "task_id": "t",
+            "phone_numbers": [N1],
+            "template_param_names": ["code"],
+            "template_param_values": ["1"],
+            "created_at": 0,
+        }
         # A worker read Polyv's 12 and died before the settle: only the journal has it.
-        dead.record(
-            "j2",
-            [Settlement(N1, "accepted", 12, "s-j2^0", attempt=1)],
-            days={N1: reserved.states[0].day},
-            token="dead",
-            retry_at=clock.now,
-            now=clock.now,
-        )
+        record_accepted(dead, d.ledger, "j2", N1, "s-j2^0", token="dead", now=clock.now, meta=meta)
         died(dead)
         enqueued: list[Any] = []
         clock.now += 3600
@@ -663,15 +651,7 @@ def test_the_journal_thread_replays_and_reports_what_is_left(
     journal = Journal(tmp_path, account[0])
     dead = Journal(tmp_path, account[0])
     ledger = make(client, account, "http://127.0.0.1:9", clock).ledger
-    r = ledger.reserve("jt", [N1], token="a")
-    dead.record(
-        "jt",
-        [Settlement(N1, "accepted", 12, "s-jt^0", attempt=1)],
-        days={N1: r.states[0].day},
-        token="a",
-        retry_at=0,
-        now=clock.now,
-    )
+    record_accepted(dead, ledger, "jt", N1, "s-jt^0", token="a", now=clock.now, retry_at=0)
     died(dead)
     down = make(
         redis.Redis(port=free_port(), socket_connect_timeout=0.2),

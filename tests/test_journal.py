@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import CannedServer
+from helpers import CannedServer, record_accepted
 from test_dispatch import make
 
 from polyv_sms.ledger import Ledger, Settlement
@@ -49,16 +49,10 @@ def answer(
     journal: Journal, ledger: Ledger, message_id: str, number: str, serial: str
 ) -> JournalEntry:
     """Reserve ``number`` for a run, and journal Polyv's 12 for it (before the settle)."""
-    reserved = ledger.reserve(message_id, [number], token=f"run-{message_id}")
-    assert reserved.states[0].state == "send"
-    entry = journal.record(
-        message_id,
-        [Settlement(number, "accepted", 12, serial, attempt=1)],
-        days={number: reserved.states[0].day},
-        token=f"run-{message_id}",
-        retry_at=time.time(),
-        now=time.time(),
+    reserved, entry = record_accepted(
+        journal, ledger, message_id, number, serial, token=f"run-{message_id}", now=time.time()
     )
+    assert reserved.states[0].state == "send"
     assert entry is not None
     return entry
 
@@ -214,14 +208,8 @@ def test_a_run_finds_the_answers_of_a_dead_process_taken_over_while_the_ledger_w
     from polyv_sms.polyv.simulator import PolyvSimulator
 
     dead, alive = Journal(tmp_path, account[0]), Journal(tmp_path, account[0])
-    reserved = ledger.reserve("t1", [N1], token="run-t1", meta=_meta([N1]))
-    dead.record(
-        "t1",
-        [Settlement(N1, "accepted", 12, "s-t1^0", attempt=1)],
-        days={N1: reserved.states[0].day},
-        token="run-t1",
-        retry_at=clock.now,
-        now=clock.now,
+    record_accepted(
+        dead, ledger, "t1", N1, "s-t1^0", token="run-t1", now=clock.now, meta=_meta([N1])
     )
     dead.close()
     unreachable = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
@@ -479,23 +467,11 @@ def test_an_answer_with_a_lone_surrogate_reaches_the_ledger_and_holds_up_nothing
 
     # An entry of that kind already on disk (a status-12 with a cut serialNo), older than an
     # ordinary one, both left by a worker that died: both reach the ledger.
-    cut = ledger.reserve("cut12", [N2], token="dead", meta=_meta([N2]))
-    dead.record(
-        "cut12",
-        [Settlement(N2, "accepted", 12, "s-\udc80^0", attempt=1)],
-        days={N2: cut.states[0].day},
-        token="dead",
-        retry_at=clock.now,
-        now=clock.now,
+    record_accepted(
+        dead, ledger, "cut12", N2, "s-\udc80^0", token="dead", now=clock.now, meta=_meta([N2])
     )
-    fine = ledger.reserve("fine", [N3], token="dead2", meta=_meta([N3]))
-    dead.record(
-        "fine",
-        [Settlement(N3, "accepted", 12, "s-fine^0", attempt=1)],
-        days={N3: fine.states[0].day},
-        token="dead2",
-        retry_at=clock.now,
-        now=clock.now,
+    record_accepted(
+        dead, ledger, "fine", N3, "s-fine^0", token="dead2", now=clock.now, meta=_meta([N3])
     )
     dead.close()
     ledger.reserve("late", ["13900003004"], token="gone", meta=_meta(["13900003004"]))

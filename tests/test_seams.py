@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import record_accepted
 from test_dispatch import make, request
 
 from polyv_sms.errors import LedgerBroken
@@ -53,14 +54,8 @@ def test_a_journal_entry_the_ledger_refuses_does_not_hold_up_the_other_answers(
             now=clock.now,
         )
         # A later answer of another message, read by a worker that died before its settle.
-        good = ledger.reserve("good", [N2], token="dead2", meta=_meta([N2]))
-        dead.record(
-            "good",
-            [Settlement(N2, "accepted", 12, "s-g^0", attempt=1)],
-            days={N2: good.states[0].day},
-            token="dead2",
-            retry_at=clock.now,
-            now=clock.now,
+        record_accepted(
+            dead, ledger, "good", N2, "s-g^0", token="dead2", now=clock.now, meta=_meta([N2])
         )
         # And a message whose retry never ran: the reconciler's business.
         ledger.reserve("late", [N3], token="gone", meta=_meta([N3]))
@@ -97,14 +92,8 @@ def test_a_journal_entry_the_settle_script_refuses_is_set_aside_and_the_rest_rep
     dead.record(
         "bad", [Settlement(N1, "no-such-action")], days={}, token="t", retry_at=0, now=clock.now
     )
-    good = d.ledger.reserve("good2", [N2], token="x", meta=_meta([N2]))
-    dead.record(
-        "good2",
-        [Settlement(N2, "accepted", 12, "s-g2^0", attempt=1)],
-        days={N2: good.states[0].day},
-        token="x",
-        retry_at=clock.now,
-        now=clock.now,
+    record_accepted(
+        dead, d.ledger, "good2", N2, "s-g2^0", token="x", now=clock.now, meta=_meta([N2])
     )
     dead.close()
     assert journal.replay(d.ledger) == 1
