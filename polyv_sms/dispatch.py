@@ -7,6 +7,7 @@ result or schedules a retry; tests and the CLI can call it directly.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -69,12 +70,19 @@ class _Run:
     lane: str = DEFAULT_LANE
 
 
+#: Where run tokens come from: a generator of this module's own, seeded by the OS at import
+#: and again in each forked child (a prefork pool's children must not share it), and out of
+#: reach of an application's ``random.seed(...)``.
+_TOKENS = random.Random()
+os.register_at_fork(after_in_child=_TOKENS.seed)
+
+
 def _token() -> str:
-    """A run's lease token: 128 bits from the ``random`` module's generator (seeded by the OS
-    at start-up and again in each forked child). Not ``uuid4()``: its ``os.urandom`` is a
-    system call that releases the GIL, a hand-off between a worker's busy threads per message.
-    The token names a run to the ledger; nothing is protected by guessing it."""
-    return f"{random.getrandbits(128):032x}"
+    """A run's lease token: 128 bits from :data:`_TOKENS`. Not ``uuid4()``: its
+    ``os.urandom`` is a system call that releases the GIL, a hand-off between a worker's busy
+    threads per message. The token names a run to the ledger; nothing is protected by
+    guessing it."""
+    return f"{_TOKENS.getrandbits(128):032x}"
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

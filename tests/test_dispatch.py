@@ -287,3 +287,34 @@ def test_a_broken_record_does_not_block_the_reconciler(client, account, clock) -
     clock.now += 300
     assert reconciler.sweep() == ["fine"]
     assert [t for _, t, _ in enqueued] == ["task-fine"]
+
+
+def test_run_tokens_differ_in_forked_children_and_ignore_random_seed() -> None:
+    """A run's lease token names it to the ledger: two runs must never share one, not in the
+    children of a prefork pool (forked from one parent) nor after an application seeds
+    ``random`` (which would make a generator of the ``random`` module repeat)."""
+    import os
+
+    from polyv_sms import dispatch
+
+    random.seed(7)
+    first = dispatch._token()
+    random.seed(7)
+    assert dispatch._token() != first
+    read_end, write_end = os.pipe()
+    children = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.write(write_end, dispatch._token().encode() + b"\n")
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        tokens = pipe.read().split()
+    tokens.append(dispatch._token())
+    assert len(tokens) == 5
+    assert len(set(tokens)) == 5
+    assert all(len(token) == 32 for token in tokens)
