@@ -28,6 +28,8 @@ APP_SECRET = "bench-secret-not-a-real-one"  # the simulator's made-up account
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 TARGET_RATIO = 0.95
+#: At latency 0 (an instant server), where the worker is CPU-bound (issue 14).
+TARGET_RATIO_INSTANT = 0.90
 #: reserve (which also takes the shared rate guard's slot) and settle.
 TARGET_SCRIPTS_PER_REQUEST = 2
 TARGET_LEDGER_VS_PING = 3.0
@@ -215,14 +217,19 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     checks = []
     for row in report.get("e2e", []):
         if row["numbers"] == 1 and row["concurrency"] == 8 and row["ratio"] is not None:
-            checks.append(
-                {
-                    "target": f"throughput project/baseline, 1 number, c=8, "
-                    f"latency {row['latency_ms']} ms >= {TARGET_RATIO}",
-                    "value": round(row["ratio"], 3),
-                    "pass": row["ratio"] >= TARGET_RATIO,
-                }
-            )
+            floors = [(TARGET_RATIO, "issue 12")]
+            if row["latency_ms"] == 0:
+                # Issue 14 traded CPU at latency 0 for requests' public API: its floor there.
+                floors.append((TARGET_RATIO_INSTANT, "issue 14, the public requests API"))
+            for floor, source in floors:
+                checks.append(
+                    {
+                        "target": f"throughput project/baseline, 1 number, c=8, "
+                        f"latency {row['latency_ms']} ms >= {floor} ({source})",
+                        "value": round(row["ratio"], 3),
+                        "pass": row["ratio"] >= floor,
+                    }
+                )
     seen = set()
     for row in report.get("e2e", []):
         traffic = row.get("ledger")
