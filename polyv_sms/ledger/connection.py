@@ -49,7 +49,6 @@ DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_DETECT_WAIT_S = 30.0
 _DETECT_PAUSE_S = 0.5
 
-#: What :func:`connect_redis` returns; both have the commands the ledger uses.
 #: Linux's ``SO_MEMINFO`` (``<asm-generic/socket.h>``): nine counters, the first the bytes
 #: allocated to the receive queue (0: nothing to read); and ``TCP_INFO``'s first byte, the
 #: TCP state, whose value 1 is ``TCP_ESTABLISHED``.
@@ -63,6 +62,7 @@ _UNSUPPORTED_ERRNOS = frozenset(
     {errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EPERM}
 )
 
+#: What :func:`connect_redis` returns; both have the commands the ledger uses.
 LedgerClient: TypeAlias = redis.Redis | RedisCluster
 
 
