@@ -4,9 +4,11 @@ countdowns are never rounded to zero."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -242,14 +244,33 @@ def test_the_ledger_client_follows_what_the_url_names(tmp_path: Path) -> None:
         node.stop()
 
 
-def test_a_frozen_ledger_redis_is_an_outage_within_the_socket_timeout(tmp_path: Path) -> None:
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own: these tests freeze it or close its connections."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def _leave_a_reply_unread(pool: redis.ConnectionPool) -> redis.Connection:
+    """A pooled connection handed back with a ``GET a`` sent and its reply, arrived, unread."""
+    dirty = pool.get_connection()
+    dirty.send_command("GET", "a")
+    assert select.select([dirty._sock], [], [], 2)[0]
+    pool.release(dirty)
+    return dirty
+
+
+def test_a_frozen_ledger_redis_is_an_outage_within_the_socket_timeout(
+    own_redis: RedisServer,
+) -> None:
     """The plain client bounds its waits in the kernel (SO_RCVTIMEO, no poll() before each
     read): a Redis that accepts and never answers (SIGSTOP) is still a connection error
     within about socket_timeout per try, and the client works again once Redis does."""
     import signal
     import socket
 
-    server = RedisServer(tmp_path / "frozen").start()
+    server = own_redis
     assert server.process is not None
     client = connect_redis(server.url(0), socket_timeout=0.4, connect_timeout=0.4)
     try:
@@ -274,19 +295,16 @@ def test_a_frozen_ledger_redis_is_an_outage_within_the_socket_timeout(tmp_path: 
         assert client.get("k") == "v"
     finally:
         client.close()
-        server.stop()
 
 
 def test_the_pool_hands_out_no_closed_or_dirty_connection(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pool's check of each connection it hands out (``can_read``) answers from
     getsockopt, without poll(): a connection whose server closed it, or that holds a reply
     nobody read, is still replaced before a command goes out on it, and a command never
     reads another command's reply (redis-py 8's own check no longer looks for one)."""
-    import select
-
-    server = RedisServer(tmp_path / "pool").start()
+    server = own_redis
     client = connect_redis(server.url(0), socket_timeout=2, connect_timeout=2)
     try:
         client.set("a", "A")
@@ -303,16 +321,13 @@ def test_the_pool_hands_out_no_closed_or_dirty_connection(
             assert first.can_read() is False
             pool.release(first)
             assert client.get("a") == "A"
-            again = pool.get_connection()
-            assert again is first
-            assert again._sock is not None
             # A reply nobody read (a command sent, its caller gone): the connection is
             # replaced, and the next command reads its own reply, not that one.
-            again.send_command("GET", "a")
-            assert select.select([again._sock], [], [], 2)[0]
+            again = _leave_a_reply_unread(pool)
+            assert again is first
+            assert again._sock is not None
             with pytest.raises(redis.ConnectionError, match="nobody read"):
                 again.can_read()
-            pool.release(again)
             assert client.get("b") == "B"
         # Closed by the server (CLIENT KILL, a restart, an idle timeout): replaced too.
         victim = pool.get_connection()
@@ -326,24 +341,20 @@ def test_the_pool_hands_out_no_closed_or_dirty_connection(
         assert victim._sock is not None  # reconnected, not left closed
     finally:
         client.close()
-        server.stop()
 
 
 @pytest.mark.parametrize("path", ["pure-python parser", "no getsockopt check"])
 def test_the_fallback_check_also_refuses_a_reply_nobody_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """Without hiredis (redis-py's own parser), or off Linux, the pool's check is redis-py's
     ``poll()``: data it finds waiting must still get the connection replaced, else, with
     maintenance notifications on, every later command on it reads the reply before its own."""
-    import select
-
     from redis._parsers import _RESP3Parser
 
     from polyv_sms.ledger import connection
 
-    server = RedisServer(tmp_path / "fallback").start()
-    url = server.url(0)
+    url = own_redis.url(0)
     options = connection._plain_options(url, connection._options(2.0, 2.0))
     if path == "pure-python parser":
         options["parser_class"] = _RESP3Parser
@@ -355,26 +366,20 @@ def test_the_fallback_check_also_refuses_a_reply_nobody_read(
         client.set("b", "B")
         pool = client.connection_pool
         assert pool.maint_notifications_enabled()  # redis-py itself ignores waiting data
-        dirty = pool.get_connection()
-        dirty.send_command("GET", "a")
-        assert select.select([dirty._sock], [], [], 2)[0]
-        pool.release(dirty)
+        _leave_a_reply_unread(pool)
         assert client.get("b") == "B"
         assert client.get("a") == "A"
     finally:
         client.close()
-        server.stop()
 
 
 def test_a_kernel_that_refuses_the_socket_options_is_no_outage(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where ``getsockopt(SO_MEMINFO)`` (or ``TCP_INFO``) is refused (ENOPROTOOPT: an older or
     sandboxed kernel, an emulator, a seccomp filter), the check is not a broken connection:
     it falls back to ``poll()``, and the ledger keeps working (it was a total outage: every
     connection failed the check, and ``connect_redis`` itself gave up)."""
-    import select
-
     from polyv_sms.ledger import connection
 
     monkeypatch.setattr(connection, "_SOCKOPT_CHECK", True)
@@ -382,23 +387,17 @@ def test_a_kernel_that_refuses_the_socket_options_is_no_outage(
         connection.KernelTimeoutConnection, "_sockopt_refused", False, raising=False
     )
     monkeypatch.setattr(connection, "_SO_MEMINFO", 0x7FFF)  # an option no kernel has
-    server = RedisServer(tmp_path / "nosockopt").start()
     client = None
     try:
-        client = connect_redis(server.url(0), socket_timeout=2, connect_timeout=2, wait_s=0)
+        client = connect_redis(own_redis.url(0), socket_timeout=2, connect_timeout=2, wait_s=0)
         for i in range(5):
             client.set("a", str(i))
         assert client.get("a") == "4"
         assert connection.KernelTimeoutConnection._sockopt_refused
         # The fallback still refuses a connection holding a reply nobody read.
-        pool = client.connection_pool
-        dirty = pool.get_connection()
-        dirty.send_command("GET", "a")
-        assert select.select([dirty._sock], [], [], 2)[0]
-        pool.release(dirty)
+        _leave_a_reply_unread(client.connection_pool)
         client.set("b", "B")
         assert client.get("b") == "B"
     finally:
         if client is not None:
             client.close()
-        server.stop()
