@@ -12,7 +12,6 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from polyv_sms import metrics
 from polyv_sms.answers import send_and_read
@@ -31,6 +30,7 @@ from polyv_sms.polyv.client import (
     PolyvClient,
 )
 from polyv_sms.polyv.phones import PhoneCheck, check_phone, mask
+from polyv_sms.results import SmsResult
 from polyv_sms.validation import SmsRequest
 
 __all__ = ["OUTCOMES", "Dispatcher", "RunOutcome"]
@@ -52,7 +52,7 @@ class RunOutcome:
         reason: why a retry is needed (``"status 11"``, ``"busy"``, an error), for logs.
     """
 
-    result: dict[str, Any] | None
+    result: SmsResult | None
     retry_in: float | None = None
     reason: str = ""
 
@@ -443,7 +443,7 @@ class Dispatcher:
             if state.state in ("quota_exceeded", "account_quota_exceeded") and not state.status:
                 metrics.count_quota_refusal(state.state, run.account, run.lane)
 
-    def result(self, run: _Run) -> dict[str, Any]:
+    def result(self, run: _Run) -> SmsResult:
         """The task's result dict: per-number outcomes in input order, and counts."""
         counts = dict.fromkeys(OUTCOMES, 0)
         results = []
@@ -477,10 +477,10 @@ class Dispatcher:
                 ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no numbers",
                 ", ".join(sent) or "none",
             )
-        return {
-            "message_id": run.message_id,
-            "results": results,
-            "counts": counts,
-            "account": run.account,
-            "lane": run.lane,
-        }
+        return SmsResult(
+            message_id=run.message_id,
+            results=results,
+            counts=counts,
+            account=run.account,
+            lane=run.lane,
+        )

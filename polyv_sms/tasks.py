@@ -337,7 +337,7 @@ def _wait_in_place(
         except (LedgerUnavailable, redis.RedisError):
             return None, "ledger"
         if outcome.result is not None:
-            return dict(outcome.result), outcome.reason
+            return outcome.result, outcome.reason
         reason = outcome.reason
         if reason not in _WAIT_IN_PLACE:
             return None, reason

@@ -226,6 +226,13 @@ def _ride_out_a_master_demotion(**_: Any) -> None:
 
 
 @signals.worker_init.connect
+def _write_results_cheaply(**_: Any) -> None:
+    from polyv_sms import results  # noqa: PLC0415 - only workers need it
+
+    results.install()  # the text Celery writes of each result: see polyv_sms/results.py
+
+
+@signals.worker_init.connect
 def _record_threads(sender: Any = None, **_: Any) -> None:
     from polyv_sms import runtime  # noqa: PLC0415 - only workers need it
 
