@@ -96,16 +96,30 @@ class BrokerUnavailable(TransientError):
     """Enqueueing failed: the broker or the result backend could not be reached in time.
 
     ``send_sms.delay()`` raises it within ``ENQUEUE_BOUND_S`` (see :mod:`polyv_sms.tasks`)
-    instead of Celery's own errors; the task was not published.
+    instead of Celery's own errors; the task was not published, unless ``maybe_published``.
 
     Attributes:
         variable: the setting that names the unreachable server: ``SMS_BROKER_URL`` or
             ``SMS_RESULT_BACKEND``.
+        maybe_published: the broker accepted the connection and did not answer in time: the
+            publish may sit in its input buffer and run when it wakes.
+        message_id: with ``maybe_published``, the message's idempotency key (the one given,
+            or the task id): enqueue again with ``message_id=`` this and the SMS is sent once,
+            whether the first publish ran or not. ``None`` otherwise.
     """
 
-    def __init__(self, message: str, *, variable: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        variable: str,
+        maybe_published: bool = False,
+        message_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.variable = variable
+        self.maybe_published = maybe_published
+        self.message_id = message_id
 
 
 class LedgerBroken(SmsError):

@@ -7,8 +7,10 @@ worker: the task fails at once, nothing is sent and no retry follows.
 
 An unreachable broker or result backend makes ``send_sms.delay()`` raise
 :class:`~polyv_sms.errors.BrokerUnavailable` within :data:`ENQUEUE_BOUND_S` (when the server
-refuses connections: stopped, wrong port), never Celery's own errors; the task is then not
-published.
+refuses connections: stopped, wrong port; or accepts them and does not answer: stopped with
+SIGSTOP, stuck), never Celery's own errors; the task is then not published, except that a
+broker which timed out may still run the publish it had buffered when it wakes
+(``BrokerUnavailable.maybe_published``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from polyv_sms.ledger.ratelimit import RATE_LIMIT_PAUSE_S
 from polyv_sms.polyv.phones import mask
 from polyv_sms.runtime import get_runtime
 from polyv_sms.validation import validate_request
-from polyv_sms.worker import TASK_NAME, app
+from polyv_sms.worker import REDIS_SOCKET_TIMEOUT_S, TASK_NAME, app
 
 __all__ = ["ENQUEUE_BOUND_S", "SendSmsTask", "enqueue_again", "send_sms"]
 
@@ -44,16 +46,21 @@ log = logging.getLogger("polyv_sms.tasks")
 
 _SHOWN_NUMBERS = 10
 #: A producer reconnects to an unreachable result backend this often before ``delay()`` gives
-#: up (Celery's own policy, 20 tries a second apart, made ``delay()`` hang for 20 s).
+#: up (Celery's own policy, 20 tries a second apart, made ``delay()`` hang for 20 s); no retry
+#: begins more than ``timeout`` seconds after the first try, so a backend that timed out
+#: (``REDIS_SOCKET_TIMEOUT_S``: it accepts and does not answer) is not tried again.
 RESULT_RECONNECT_POLICY = {
     "max_retries": 3,
     "interval_start": 0,
     "interval_step": 0.5,
     "interval_max": 1.0,
+    "timeout": 2.0,
 }
 #: ``delay()`` raises BrokerUnavailable within this many seconds when the result backend
 #: (about 2 s, RESULT_RECONNECT_POLICY) or the broker (about 6.5 s, PUBLISH_RETRY_POLICY)
-#: refuses connections. tests/test_edges.py checks it against a stopped redis-server.
+#: refuses connections, or either accepts connections and does not answer (3 to 6 s,
+#: REDIS_SOCKET_TIMEOUT_S). tests/test_edges.py checks it against a stopped and a frozen
+#: redis-server.
 ENQUEUE_BOUND_S = 10.0
 #: Past the holder's lease and takeover grace (or Polyv's block), how much longer a run whose
 #: retry could not be published waits in place.
@@ -97,7 +104,8 @@ class SendSmsTask(Task):  # type: ignore[misc]
         Raises:
             InvalidRequest: the request is malformed; nothing was published.
             BrokerUnavailable: the broker or the result backend could not be reached within
-                ENQUEUE_BOUND_S (``variable`` says which); nothing was published.
+                ENQUEUE_BOUND_S (``variable`` says which); nothing was published, unless the
+                broker timed out (``maybe_published``).
         """
         limit = self.app.conf.get("polyv_sms_account_daily_limit") or DEFAULT_ACCOUNT_DAILY_LIMIT
         request = validate_request(args, kwargs, account_daily_limit=limit)
@@ -113,6 +121,18 @@ class SendSmsTask(Task):  # type: ignore[misc]
                 (), checked, task_id, producer, link, link_error, shadow, **options
             )
         except OperationalError as exc:
+            if isinstance(exc.__cause__, (redis.TimeoutError, TimeoutError)):
+                # The command may sit in a frozen server's input buffer, run when it wakes; it
+                # and a second enqueue under the same key are sent once (the ledger's key).
+                key = request.message_id or task_id
+                raise BrokerUnavailable(
+                    f"the broker (SMS_BROKER_URL) did not answer within {REDIS_SOCKET_TIMEOUT_S:g}"
+                    f" s ({_reason(exc)}); the task may still reach the queue if the broker "
+                    f"wakes: enqueue again with message_id={key!r} and it is sent once",
+                    variable="SMS_BROKER_URL",
+                    maybe_published=True,
+                    message_id=key,
+                ) from exc
             raise BrokerUnavailable(
                 f"cannot reach the broker (SMS_BROKER_URL): {_reason(exc)}; the task was not "
                 "published",

@@ -47,6 +47,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from celery import Celery, signals
 
 from polyv_sms import routing
@@ -55,20 +56,53 @@ from polyv_sms.config import Settings, parse_sentinel_url
 from polyv_sms.errors import ConfigError
 from polyv_sms.lanes import WORKER_QUEUES
 
-__all__ = ["QUEUE", "TASK_NAME", "WORKER_QUEUES", "app", "celery_config", "project_config"]
+__all__ = [
+    "PUBLISH_RETRY_POLICY",
+    "QUEUE",
+    "REDIS_SOCKET_TIMEOUT_S",
+    "TASK_NAME",
+    "WORKER_QUEUES",
+    "app",
+    "celery_config",
+    "give_up_on_timeouts",
+    "project_config",
+]
 
 log = logging.getLogger("polyv_sms.worker")
 
 QUEUE = "sms"
 TASK_NAME = "polyv_sms.send_sms"
+#: How long a command on the Redis broker's or result backend's connections may wait for its
+#: answer, and a connect for the server (kombu sets no timeout on the broker's, Celery 120 s on
+#: the result backend's). A Redis that accepts connections and never answers (stopped with
+#: SIGSTOP, stuck) or a host that drops packets is then an error after this long, not a wait as
+#: long as the connection stays open. Three seconds is far above a healthy Redis's slowest
+#: answer (a fork for a snapshot stalls it for tens of milliseconds per GB).
+REDIS_SOCKET_TIMEOUT_S = 3.0
+
+
+def give_up_on_timeouts(exc: BaseException, interval: float) -> None:
+    """kombu's ``errback`` of a publish: a broker that timed out is not tried again.
+
+    A refused or reset connection is retried (a Redis restarting). A timeout is a server that
+    accepts and does not answer: each retry would wait the whole socket timeout again, and a
+    frozen server that wakes would run every retried publish it had buffered.
+    """
+    del interval
+    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        raise exc
+
+
 #: Publishing (a task or a retry) retries with this policy while the broker is unreachable.
 #: Against a stopped Redis kombu gives up after about 6 s (tests/reliability measure it); what
-#: a longer outage drops, the reconciler enqueues again from the ledger.
+#: a longer outage drops, the reconciler enqueues again from the ledger. A timeout
+#: (REDIS_SOCKET_TIMEOUT_S) ends the publish at once (:func:`give_up_on_timeouts`).
 PUBLISH_RETRY_POLICY = {
     "max_retries": 10,
     "interval_start": 0.2,
     "interval_step": 0.5,
     "interval_max": 3.0,
+    "errback": give_up_on_timeouts,
 }
 
 
@@ -100,6 +134,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Lanes (issue 12): BRPOP the consumed queues in the order given (-Q sms.urgent,sms,
         # sms.bulk), not round-robin, so that urgent work is always taken first.
         broker_options["queue_order_strategy"] = "priority"
+        # A frozen broker is an error within a bound, not a wait without end (kombu's own
+        # advice for a broker that can vanish without closing the connection).
+        broker_options["socket_timeout"] = REDIS_SOCKET_TIMEOUT_S
+        broker_options["socket_connect_timeout"] = REDIS_SOCKET_TIMEOUT_S
     time_limit = settings.task_time_limit_s
     config: dict[str, Any] = {
         "broker_url": broker_url,
@@ -136,6 +174,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if result_backend is not None:
         # Left out otherwise: Celery then runs without a result backend (it has no amqp:// one).
         config["result_backend"] = result_backend
+        config["redis_socket_timeout"] = REDIS_SOCKET_TIMEOUT_S
+        config["redis_socket_connect_timeout"] = REDIS_SOCKET_TIMEOUT_S
     if urlsplit(settings.broker_url).scheme in _AMQP:
         # RabbitMQ confirms each publish (a task, a retry) once it has it: kombu's publish
         # returns only then, and raises if RabbitMQ refuses it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import click
 import pytest
+import redis
 from conftest import worker_env
 from helpers import ROOT, RedisServer, WorkerProcess, wait_for
 
@@ -71,7 +73,12 @@ _DELAY = textwrap.dedent(
         send_sms.delay(["13900000001"], ["code"], ["1"], message_id="down-1")
         out = {"published": True}
     except BrokerUnavailable as exc:
-        out = {"variable": exc.variable, "message": str(exc)}
+        out = {
+            "variable": exc.variable,
+            "message": str(exc),
+            "maybe_published": exc.maybe_published,
+            "message_id": exc.message_id,
+        }
     except BaseException as exc:
         out = {"other": f"{type(exc).__name__}: {exc}"}
     out["elapsed"] = time.monotonic() - started
@@ -116,6 +123,115 @@ def test_delay_fails_within_the_bound_and_publishes_nothing(
     assert float(out["elapsed"]) < ENQUEUE_BOUND_S, out
     with own_redis.client(0) as probe:
         assert probe.llen("sms") == 0  # nothing half-published
+
+
+@pytest.mark.parametrize("layout", ["one redis", "results frozen", "broker frozen"])
+def test_delay_fails_within_the_bound_when_redis_accepts_and_never_answers(
+    layout: str, tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """A Redis stopped with SIGSTOP (or stuck) takes connections and never answers: before the
+    socket timeouts, ``delay()`` waited as long as the connection stayed open."""
+    frozen = RedisServer(tmp_path / "frozen").start()
+    assert frozen.process is not None
+    up, down = own_redis.url(0).rsplit("/", 1)[0], frozen.url(0).rsplit("/", 1)[0]
+    broker, results, variable = {
+        "one redis": (f"{down}/0", None, "SMS_RESULT_BACKEND"),
+        "results frozen": (f"{up}/0", f"{down}/1", "SMS_RESULT_BACKEND"),
+        "broker frozen": (f"{down}/0", f"{up}/1", "SMS_BROKER_URL"),
+    }[layout]
+    env = clean_env(SMS_BROKER_URL=broker)
+    if results is not None:
+        env["SMS_RESULT_BACKEND"] = results
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        out = delay_in_fresh_process(env)
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    try:
+        assert out.get("variable") == variable, out
+        assert float(out["elapsed"]) < ENQUEUE_BOUND_S, out
+        if variable == "SMS_RESULT_BACKEND":
+            # Checked before the publish: nothing reached the broker, even once it wakes.
+            assert "the task was not published" in str(out["message"])
+            assert out["maybe_published"] is False
+            time.sleep(0.5)
+            with redis.Redis.from_url(broker) as probe:
+                assert probe.llen("sms") == 0
+        else:
+            assert out["maybe_published"] is True
+            assert out["message_id"] == "down-1"
+            assert "enqueue again with message_id='down-1'" in str(out["message"])
+    finally:
+        frozen.stop()
+
+
+def test_a_publish_a_frozen_broker_kept_is_sent_once_with_the_id_the_error_names(
+    tmp_path: Path, start_worker, sim, redis_server: RedisServer
+) -> None:
+    """A producer whose broker freezes mid-publish gets BrokerUnavailable(maybe_published), and
+    the server runs the buffered publish when it wakes; enqueueing again with the error's
+    ``message_id`` (here the task id: no id was given) sends the number once, not twice."""
+    broker = RedisServer(tmp_path / "broker").start()
+    assert broker.process is not None
+    pid = broker.process.pid
+    script = textwrap.dedent(
+        f"""
+        import json, os, signal, time
+        from polyv_sms import BrokerUnavailable
+        from polyv_sms.tasks import send_sms
+        send_sms.delay(["13900000051"], ["code"], ["1"])  # the connections are open
+        os.kill({pid}, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            send_sms.delay(["13900000052"], ["code"], ["1"])
+            out = {{"published": True}}
+        except BrokerUnavailable as exc:
+            out = {{"maybe_published": exc.maybe_published, "message_id": exc.message_id}}
+        out["elapsed"] = time.monotonic() - started
+        os.kill({pid}, signal.SIGCONT)
+        if out.get("message_id"):
+            again = send_sms.delay(
+                ["13900000052"], ["code"], ["1"], message_id=out["message_id"]
+            )
+            out["again"] = again.id
+        print(json.dumps(out))
+        """
+    )
+    env = clean_env(SMS_BROKER_URL=broker.url(0), SMS_RESULT_BACKEND=broker.url(1))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+    try:
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out.get("maybe_published") is True, out
+        assert float(out["elapsed"]) < ENQUEUE_BOUND_S, out
+        with broker.client(0) as probe:
+            # The first, the publish the frozen server ran when it woke, and the second try.
+            assert probe.llen("sms") == 3
+        start_worker(SMS_BROKER_URL=broker.url(0), SMS_RESULT_BACKEND=broker.url(1))
+        with broker.client(1) as results:
+
+            def finished() -> bool:
+                metas = [json.loads(v) for v in results.mget(results.keys("celery-task-meta-*"))]
+                return len(metas) == 3 and all(m["status"] == "SUCCESS" for m in metas)
+
+            wait_for(finished, 60, what="three results")
+            again = json.loads(results.get(f"celery-task-meta-{out['again']}"))
+        assert again["result"]["message_id"] == out["message_id"]
+        assert again["result"]["counts"]["accepted"] == 1
+        sent = [n for r in sim.requests() for n in r["numbers"]]
+        assert sorted(sent) == ["13900000051", "13900000052"]  # each once
+    finally:
+        broker.stop()
 
 
 def test_cli_send_with_redis_down_prints_one_line(stopped_redis: str) -> None:
