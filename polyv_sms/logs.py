@@ -11,16 +11,35 @@ import re
 
 __all__ = ["RedactingFilter", "install", "redact"]
 
-_MOBILE = re.compile(r"(?<![0-9])(1[3-9][0-9])[0-9]{4}([0-9]{4})(?![0-9])")
+#: A mainland mobile number, with the country code or not (``+86``, ``86``, ``0086``), not part
+#: of a longer run of digits.
+_MOBILE = re.compile(r"(?<![0-9])((?:0086|86)?1[3-9][0-9])[0-9]{4}([0-9]{4})(?![0-9])")
+#: A hexadecimal id (a Polyv requestId, a uuid4().hex message id): its digits are no number,
+#: and an operator greps for it whole.
+_HEX_ID = re.compile(r"[0-9A-Fa-f]{20,}")
+_HEX_ID_EDGE = re.compile(r"[0-9A-Za-z]")
 _SECRET_MASK = "**********"  # noqa: S105 - the mask, not a secret
 
 
+def _masked(match: re.Match[str]) -> str:
+    text, start, end = match.string, match.start(), match.end()
+    # Widen to the whole word; a long run of hex characters is an id, left as it is.
+    while start > 0 and _HEX_ID_EDGE.match(text, start - 1):
+        start -= 1
+    while end < len(text) and _HEX_ID_EDGE.match(text, end):
+        end += 1
+    if _HEX_ID.fullmatch(text, start, end):
+        return match.group(0)
+    return f"{match.group(1)}****{match.group(2)}"
+
+
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Mask mainland mobile numbers (``176****6163``) and any of ``secrets`` in ``text``."""
+    """Mask mainland mobile numbers (``176****6163``, ``+86176****6163``) and any of
+    ``secrets`` in ``text``; hexadecimal ids of 20 characters or more are left whole."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, _SECRET_MASK)
-    return _MOBILE.sub(r"\1****\2", text)
+    return _MOBILE.sub(_masked, text)
 
 
 class RedactingFilter(logging.Filter):

@@ -99,6 +99,21 @@ def delay_in_fresh_process(env: dict[str, str]) -> dict[str, object]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def layout_env(layout: str, up: str, down: str) -> tuple[dict[str, str], str, str]:
+    """A producer's environment where ``down`` (a Redis URL without db) is the broker and the
+    result backend ("one redis ..."), the result backend only ("results ...") or the broker only
+    ("broker ..."), ``up`` the other: (env, broker URL, the variable the error must name)."""
+    broker, results, variable = {
+        "one": (f"{down}/0", None, "SMS_RESULT_BACKEND"),
+        "results": (f"{up}/0", f"{down}/1", "SMS_RESULT_BACKEND"),
+        "broker": (f"{down}/0", f"{up}/1", "SMS_BROKER_URL"),
+    }[layout.split(maxsplit=1)[0]]
+    env = clean_env(SMS_BROKER_URL=broker)
+    if results is not None:
+        env["SMS_RESULT_BACKEND"] = results
+    return env, broker, variable
+
+
 def test_broker_unavailable_is_documented_and_transient() -> None:
     assert issubclass(BrokerUnavailable, TransientError)
     assert "BrokerUnavailable" in __import__("polyv_sms").__all__
@@ -108,15 +123,7 @@ def test_broker_unavailable_is_documented_and_transient() -> None:
 def test_delay_fails_within_the_bound_and_publishes_nothing(
     layout: str, stopped_redis: str, own_redis: RedisServer
 ) -> None:
-    up = f"redis://127.0.0.1:{own_redis.port}"
-    broker, results, variable = {
-        "one redis": (f"{stopped_redis}/0", None, "SMS_RESULT_BACKEND"),
-        "results down": (f"{up}/0", f"{stopped_redis}/1", "SMS_RESULT_BACKEND"),
-        "broker down": (f"{stopped_redis}/0", f"{up}/1", "SMS_BROKER_URL"),
-    }[layout]
-    env = clean_env(SMS_BROKER_URL=broker)
-    if results is not None:
-        env["SMS_RESULT_BACKEND"] = results
+    env, _, variable = layout_env(layout, f"redis://127.0.0.1:{own_redis.port}", stopped_redis)
     out = delay_in_fresh_process(env)
     assert out.get("variable") == variable, out
     assert "the task was not published" in str(out["message"])
@@ -134,14 +141,7 @@ def test_delay_fails_within_the_bound_when_redis_accepts_and_never_answers(
     frozen = RedisServer(tmp_path / "frozen").start()
     assert frozen.process is not None
     up, down = own_redis.url(0).rsplit("/", 1)[0], frozen.url(0).rsplit("/", 1)[0]
-    broker, results, variable = {
-        "one redis": (f"{down}/0", None, "SMS_RESULT_BACKEND"),
-        "results frozen": (f"{up}/0", f"{down}/1", "SMS_RESULT_BACKEND"),
-        "broker frozen": (f"{down}/0", f"{up}/1", "SMS_BROKER_URL"),
-    }[layout]
-    env = clean_env(SMS_BROKER_URL=broker)
-    if results is not None:
-        env["SMS_RESULT_BACKEND"] = results
+    env, broker, variable = layout_env(layout, up, down)
     frozen.process.send_signal(signal.SIGSTOP)
     try:
         out = delay_in_fresh_process(env)

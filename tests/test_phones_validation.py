@@ -64,6 +64,19 @@ def test_mask_and_log_redaction() -> None:
     assert "xyz" not in out
 
 
+def test_redaction_masks_numbers_with_a_country_code_and_leaves_hex_ids_whole() -> None:
+    """A Polyv requestId or a uuid4().hex message id may hold 11 digits that look like a
+    number: an operator greps logs for the id, so it stays whole (it once did not: a CI run's
+    requestId 1944d18587034786b7d778615c8705ac was logged as 1944d185****4786b7...)."""
+    ids = ["1944d18587034786b7d778615c8705ac", "message_id=ab13800138000cd77ffeee0"]
+    for text in ids:
+        assert redact(text) == text
+    out = redact("to +8613800138000, 8617680476163 and 0086 13900000001; SN13900000002x")
+    assert out == "to +86138****8000, 86176****6163 and 0086 139****0001; SN139****0002x"
+    # A word too short to be an id is not one: its number is masked.
+    assert redact("ab13800138000cd") == "ab138****8000cd"
+
+
 def ok(**changes: object) -> dict[str, object]:
     kwargs: dict[str, object] = {
         "phone_numbers": ["17680476163"],
