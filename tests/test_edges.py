@@ -13,6 +13,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -87,9 +88,10 @@ _DELAY = textwrap.dedent(
 )
 
 
-def delay_in_fresh_process(env: dict[str, str]) -> dict[str, object]:
+def delay_in_fresh_process(env: dict[str, str], script: str = _DELAY) -> dict[str, Any]:
+    """Run ``script`` (by default one ``delay()``) in a new Python; its last line, as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", _DELAY],
+        [sys.executable, "-c", script],
         check=True,
         env=env,
         capture_output=True,
@@ -199,19 +201,10 @@ def test_a_publish_a_frozen_broker_kept_is_sent_once_with_the_id_the_error_names
     )
     env = clean_env(SMS_BROKER_URL=broker.url(0), SMS_RESULT_BACKEND=broker.url(1))
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            check=False,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = delay_in_fresh_process(env, script)
     finally:
         broker.process.send_signal(signal.SIGCONT)
     try:
-        assert done.returncode == 0, done.stderr
-        out = json.loads(done.stdout.strip().splitlines()[-1])
         assert out.get("maybe_published") is True, out
         assert float(out["elapsed"]) < ENQUEUE_BOUND_S, out
         with broker.client(0) as probe:
