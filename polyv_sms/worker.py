@@ -86,10 +86,11 @@ def give_up_on_timeouts(exc: BaseException, interval: float) -> None:
 
     A refused or reset connection is retried (a Redis restarting). A timeout is a server that
     accepts and does not answer: each retry would wait the whole socket timeout again, and a
-    frozen server that wakes would run every retried publish it had buffered.
+    frozen server that wakes would run every retried publish it had buffered. Only a Redis
+    broker's timeouts (redis-py's ``TimeoutError``): a RabbitMQ broker keeps kombu's retries.
     """
     del interval
-    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+    if isinstance(exc, redis.TimeoutError):
         raise exc
 
 
