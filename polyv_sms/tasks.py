@@ -121,7 +121,10 @@ class SendSmsTask(Task):  # type: ignore[misc]
                 (), checked, task_id, producer, link, link_error, shadow, **options
             )
         except OperationalError as exc:
-            if isinstance(exc.__cause__, redis.TimeoutError):  # a Redis broker's
+            cause = exc.__cause__
+            # A Redis broker's timeout, past the connect (redis-py's "Timeout connecting to
+            # server" sent nothing): a publish may be in the frozen server's buffer.
+            if isinstance(cause, redis.TimeoutError) and "connecting" not in str(cause):
                 # The command may sit in a frozen server's input buffer, run when it wakes; it
                 # and a second enqueue under the same key are sent once (the ledger's key).
                 key = request.message_id or task_id

@@ -4,14 +4,17 @@ a mis-routed task, the help texts. The command runs as the installed console scr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +168,42 @@ def test_delay_fails_within_the_bound_when_redis_accepts_and_never_answers(
             assert "enqueue again with message_id='down-1'" in str(out["message"])
     finally:
         frozen.stop()
+
+
+@pytest.fixture
+def dropping_port() -> Iterator[int]:
+    """A port whose connection attempts are never answered (a host that drops packets): a
+    listening socket that never accepts, its backlog full."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    yield listener.getsockname()[1]
+    for sock in [*fillers, listener]:
+        sock.close()
+
+
+@pytest.mark.parametrize("layout", ["one redis", "results dropping", "broker dropping"])
+def test_delay_fails_within_the_bound_when_connects_are_never_answered(
+    layout: str, dropping_port: int, own_redis: RedisServer
+) -> None:
+    """A connect that times out sent nothing: not published, and the error says so."""
+    up = own_redis.url(0).rsplit("/", 1)[0]
+    env, _, variable = layout_env(layout, up, f"redis://127.0.0.1:{dropping_port}")
+    out = delay_in_fresh_process(env)
+    assert out.get("variable") == variable, out
+    assert float(out["elapsed"]) < ENQUEUE_BOUND_S, out
+    assert "the task was not published" in str(out["message"]), out
+    assert out["maybe_published"] is False
+    with own_redis.client(0) as probe:
+        assert probe.llen("sms") == 0
 
 
 def test_a_publish_a_frozen_broker_kept_is_sent_once_with_the_id_the_error_names(
