@@ -122,11 +122,11 @@ class SendSmsTask(Task):  # type: ignore[misc]
             )
         except OperationalError as exc:
             cause = exc.__cause__
-            # A Redis broker's timeout, past the connect (redis-py's "Timeout connecting to
-            # server" sent nothing): a publish may be in the frozen server's buffer.
+            # A Redis broker's timeout past the connect (redis-py's "Timeout connecting to
+            # server" sent nothing): the publish may sit in the frozen server's input buffer
+            # and run when it wakes; it and an enqueue again under the same key (the ledger's)
+            # are sent once.
             if isinstance(cause, redis.TimeoutError) and "connecting" not in str(cause):
-                # The command may sit in a frozen server's input buffer, run when it wakes; it
-                # and a second enqueue under the same key are sent once (the ledger's key).
                 key = request.message_id or task_id
                 raise BrokerUnavailable(
                     f"the broker (SMS_BROKER_URL) did not answer within {REDIS_SOCKET_TIMEOUT_S:g}"
